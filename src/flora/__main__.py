@@ -1,0 +1,5 @@
+import sys
+
+from flora.cli import main
+
+sys.exit(main())

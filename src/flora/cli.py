@@ -1,0 +1,176 @@
+"""The ``flora`` command.
+
+``flora fit | validate | test`` is a LightningCLI whose ``model`` section is a method
+(a :class:`~flora.methods.FederatedPromptModule` subclass), ``data`` a
+:class:`~flora.data.FederatedDataModule` and ``trainer`` the
+:class:`~flora.federated.FederatedTrainer`. ``flora prepare`` writes the client shards
+of a config's ``data`` section.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from flora.clip.backbone import PretrainedWeightsError
+from flora.data.datamodule import FederatedDataModule
+from flora.data.errors import FloraDataError
+from flora.federated.trainer import CheckpointError, FederatedTrainer
+from flora.methods.base import FederatedPromptModule
+
+_FRIENDLY_ERRORS = (FloraDataError, CheckpointError, PretrainedWeightsError, FloatingPointError)
+
+
+class FloraCLI(LightningCLI):
+    """LightningCLI with the federated trainer in place of ``lightning.Trainer``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=FederatedPromptModule,
+            datamodule_class=FederatedDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=False,
+            trainer_class=FederatedTrainer,  # type: ignore[arg-type]
+            save_config_callback=None,
+            seed_everything_default=False,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "flora"},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "datamodule"},
+            "validate": {"model", "datamodule"},
+            "test": {"model", "datamodule"},
+        }
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(FederatedTrainer, "trainer", instantiate=False, sub_configs=True)
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=False)
+
+    def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:  # type: ignore[override]
+        config = dict(self._get(self.config_init, "trainer", default={}))
+        config.update(kwargs)
+        trainer = FederatedTrainer(**config)
+        if self.subcommand is not None:
+            trainer.config_text = self.parser.dump(self.config[self.subcommand], skip_none=False)
+        return trainer
+
+
+def _method_registry() -> dict[str, type]:
+    import flora.methods as methods
+
+    return {
+        name: obj
+        for name, obj in vars(methods).items()
+        if isinstance(obj, type) and issubclass(obj, FederatedPromptModule) and obj is not FederatedPromptModule
+    }
+
+
+def _resolve_class(path: str) -> type | None:
+    registry = _method_registry()
+    if path in registry:
+        return registry[path]
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        return None
+    try:
+        obj = getattr(importlib.import_module(module_name), attr, None)
+    except ImportError:
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def _requested_method(argv: Sequence[str]) -> str | None:
+    """The model class_path that the configs and overrides in ``argv`` ask for (last one wins)."""
+    found: str | None = None
+    args = list(argv)
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            try:
+                with open(args[i + 1]) as fh:
+                    cfg = yaml.safe_load(fh) or {}
+            except OSError:
+                continue
+            model = cfg.get("model") if isinstance(cfg, dict) else None
+            if isinstance(model, dict):
+                value = model.get("class_path")
+            elif isinstance(model, str):
+                value = model
+        elif arg.startswith("--model=") or arg.startswith("--model.class_path="):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--model", "--model.class_path") and i + 1 < len(args):
+            value = args[i + 1]
+        if value:
+            found = value
+    return found
+
+
+def _check_method(argv: Sequence[str]) -> str | None:
+    """A one-line error if the requested method class does not exist (or is not a flora method)."""
+    requested = _requested_method(argv)
+    if requested is None or requested.strip().startswith("{"):
+        return None
+    cls = _resolve_class(requested)
+    if cls is None or not issubclass(cls, FederatedPromptModule):
+        known = ", ".join(sorted(_method_registry()))
+        what = "is not a flora method" if cls is not None else "not found"
+        return f"unknown method class {requested!r} ({what}); available: {known}"
+    return None
+
+
+def prepare_main(argv: Sequence[str]) -> int:
+    """``flora prepare --config cfg.yaml``: write the client shards and manifest of the ``data`` section."""
+    parser = ArgumentParser(prog="flora prepare", description="Write per-client webdataset shards and a manifest.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a flora config (only `data` is used)")
+    parser.add_class_arguments(FederatedDataModule, "data")
+    for ignored in ("model", "trainer"):
+        parser.add_argument(f"--{ignored}", type=Any, default=None, help="ignored by prepare")
+    parser.add_argument("--seed_everything", type=Any, default=None, help="ignored by prepare")
+    cfg = parser.parse_args(list(argv))
+    dm: FederatedDataModule = parser.instantiate_classes(cfg).data
+    dm.prepare_data()
+    dm.setup()
+    manifest = dm.manifest or {}
+    sizes = [c["num_train"] for c in manifest.get("clients", [])]
+    print(
+        f"flora prepare: {dm.root} has {dm.num_clients} clients x {dm.num_classes} classes; "
+        f"train samples per client min {min(sizes)} / max {max(sizes)} / total {sum(sizes)}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("FLORA_DEBUG", "") not in ("", "0")
+    try:
+        if argv and argv[0] == "prepare":
+            return prepare_main(argv[1:])
+        if argv and argv[0] in ("fit", "validate", "test"):
+            problem = _check_method(argv[1:])
+            if problem:
+                print(f"flora: error: {problem}", file=sys.stderr)
+                return 2
+        FloraCLI(args=argv)
+        return 0
+    except _FRIENDLY_ERRORS as err:
+        if debug:
+            raise
+        print(f"flora: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""A frozen open_clip model exposing exactly what prompt learners need.
+
+* image features: the pooled ``global`` embedding, or per-patch ``patch`` tokens after
+  the final LayerNorm and projection;
+* the prompted text tower: learned context vectors replace token positions
+  ``1..n_ctx`` of ``"X X ... X {classname}."``; sequences are truncated at the longest
+  EOT position + 1, which is exact because the text transformer is causal;
+* tokenised class names and anchor features of a hand-written template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_WEIGHTS_DIR = Path(__file__).parent / "weights"
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights could not be found or downloaded."""
+
+
+def list_flora_models() -> list[str]:
+    """Model configs shipped with flora (usable as ``model_name``)."""
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
+
+
+def _shipped_weights(model_name: str) -> Path | None:
+    for suffix in (".safetensors", ".pt"):
+        path = _WEIGHTS_DIR / f"{model_name}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+class ClassPrompts(nn.Module):
+    """Tokenised ``"X X ... X {classname}."`` prompts, truncated at the longest EOT.
+
+    Holds the frozen token embeddings of the parts that are not learned: ``prefix``
+    (the start token) and ``suffix`` (class name, full stop, EOT and padding up to the
+    truncation length). Buffers are non-persistent: they are rebuilt from the class
+    names and never written into checkpoints.
+    """
+
+    def __init__(self, tokens: Tensor, eot: Tensor, prefix: Tensor, suffix: Tensor, n_ctx: int) -> None:
+        super().__init__()
+        self.n_ctx = n_ctx
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        self.register_buffer("prefix", prefix, persistent=False)
+        self.register_buffer("suffix", suffix, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+class CLIPBackbone(nn.Module):
+    """A frozen open_clip model.
+
+    Args:
+        model_name: an open_clip architecture (``"ViT-B-16"``) or one shipped with flora
+            (``"flora-tiny"``).
+        pretrained: an open_clip pretrained tag (``"openai"``), a path to a checkpoint
+            file, ``"shipped"`` for the weights bundled with flora, or ``None`` for a
+            random initialisation (seeded by ``init_seed``).
+        cache_dir: where open_clip caches downloaded weights.
+        init_seed: seed of the random initialisation when ``pretrained`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "flora-tiny",
+        pretrained: str | None = None,
+        cache_dir: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model = _create_model(model_name, pretrained, cache_dir, init_seed)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.preprocess = open_clip.image_transform(
+            self.model.visual.image_size,
+            is_train=False,
+            mean=getattr(self.model.visual, "image_mean", None),
+            std=getattr(self.model.visual, "image_std", None),
+        )
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        text = self._text_parts()
+        self._token_embedding = text["token_embedding"]
+        self._positional_embedding = text["positional_embedding"]
+        self._transformer = text["transformer"]
+        self._ln_final = text["ln_final"]
+        self._text_projection = text["text_projection"]
+        self._attn_mask = text["attn_mask"]
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ structure
+    def _text_parts(self) -> dict:
+        m = self.model
+        if hasattr(m, "text"):  # CustomTextCLIP
+            t = m.text
+            if getattr(t, "cls_emb", None) is not None or getattr(t, "pool_type", "argmax") != "argmax":
+                raise ValueError(f"{self.model_name}: only argmax (EOT) pooled text towers can be prompted")
+            parts = {
+                "token_embedding": t.token_embedding,
+                "positional_embedding": t.positional_embedding,
+                "transformer": t.transformer,
+                "ln_final": t.ln_final,
+                "text_projection": t.text_projection,
+                "attn_mask": t.attn_mask,
+            }
+        else:
+            if getattr(m, "text_pool_type", "argmax") != "argmax":
+                raise ValueError(f"{self.model_name}: only argmax (EOT) pooled text towers can be prompted")
+            parts = {
+                "token_embedding": m.token_embedding,
+                "positional_embedding": m.positional_embedding,
+                "transformer": m.transformer,
+                "ln_final": m.ln_final,
+                "text_projection": m.text_projection,
+                "attn_mask": m.attn_mask,
+            }
+        return parts
+
+    def train(self, mode: bool = True) -> CLIPBackbone:
+        """The backbone is frozen: it always stays in eval mode."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image-text embedding space (``d``)."""
+        proj = self._text_projection
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return int(proj.shape[1]) if proj is not None else self.token_width
+
+    @property
+    def token_width(self) -> int:
+        """Width of the text tower's token embeddings (``d_t``)."""
+        return int(self._token_embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self._positional_embedding.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's frozen temperature ``s = exp(logit_scale)``."""
+        return self.model.logit_scale.detach().exp()
+
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and weights (keys feature caches)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.model_name.encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                t = tensor.detach().float().cpu().contiguous()
+                h.update(t.numpy().tobytes()[:4096])
+                h.update(str(float(t.sum())).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # --------------------------------------------------------------------- image
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Pooled image embedding (not normalised), shape ``(B, d)``."""
+        return self.model.encode_image(images)
+
+    @torch.no_grad()
+    def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(global (B, d), patch (B, M, d))``, patch tokens after the final LayerNorm and projection."""
+        visual = self.model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+            raise ValueError(f"patch features need a plain ViT image tower; {self.model_name} has {type(visual).__name__}")
+        x = visual._embeds(images)
+        x = visual.transformer(x)
+        x = visual.ln_post(x)
+        pooled, tokens = visual._global_pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+            tokens = tokens @ visual.proj
+        return pooled, tokens
+
+    # ---------------------------------------------------------------------- text
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.tokenizer(texts)
+
+    @torch.no_grad()
+    def build_class_prompts(self, class_names: list[str], n_ctx: int) -> ClassPrompts:
+        """Tokenise ``"X" * n_ctx + classname + "."`` for every class and cache the frozen embeddings."""
+        if n_ctx < 0:
+            raise ValueError("n_ctx must be >= 0")
+        placeholder = " ".join(["X"] * n_ctx)
+        texts = [f"{placeholder} {name.replace('_', ' ')}.".strip() for name in class_names]
+        for name, text in zip(class_names, texts):
+            n_tokens = len(self.tokenizer.encode(text)) + 2 if hasattr(self.tokenizer, "encode") else 0
+            if n_tokens > self.context_length:
+                raise ValueError(
+                    f"prompt for class {name!r} with n_ctx={n_ctx} needs {n_tokens} tokens, more than the text "
+                    f"context length {self.context_length}; use a smaller n_ctx or a shorter class name"
+                )
+        tokens = self.tokenize(texts).to(self._token_embedding.weight.device)
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        tokens = tokens[:, :length]
+        emb = self._token_embedding(tokens)
+        return ClassPrompts(tokens, eot, emb[:, :1].clone(), emb[:, 1 + n_ctx :].clone(), n_ctx)
+
+    def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
+        length = x.shape[1]
+        x = x + self._positional_embedding[:length].to(x.dtype)
+        mask = self._attn_mask
+        if mask is not None:
+            mask = mask[:length, :length].to(x.device)
+        x = self._transformer(x, attn_mask=mask)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self._ln_final(x)
+        proj = self._text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return x
+
+    def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts, normalize: bool = True) -> Tensor:
+        """Text features of every class with learned context ``ctx``.
+
+        ``ctx`` is ``(n_ctx, d_t)`` (one context shared by all classes), ``(P, n_ctx, d_t)``
+        (P prompt variants in one batched call) or ``(P, n_cls, n_ctx, d_t)`` (class-specific
+        context). Returns ``(n_cls, d)`` or ``(P, n_cls, d)``.
+        """
+        squeeze = ctx.dim() == 2
+        if squeeze:
+            ctx = ctx.unsqueeze(0)
+        n_cls = prompts.num_classes
+        if ctx.dim() == 3:
+            ctx = ctx.unsqueeze(1).expand(-1, n_cls, -1, -1)
+        if ctx.shape[1:3] != (n_cls, prompts.n_ctx):
+            raise ValueError(f"context of shape {tuple(ctx.shape)} does not match {n_cls} classes x {prompts.n_ctx} tokens")
+        n_var = ctx.shape[0]
+        prefix = prompts.prefix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
+        suffix = prompts.suffix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
+        x = torch.cat([prefix, ctx, suffix], dim=2).reshape(n_var * n_cls, prompts.length, -1)
+        feats = self._run_text(x, prompts.eot.repeat(n_var))
+        if normalize:
+            feats = F.normalize(feats, dim=-1)
+        feats = feats.reshape(n_var, n_cls, -1)
+        return feats[0] if squeeze else feats
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], normalize: bool = True, truncate: bool = True) -> Tensor:
+        """Features of plain texts through the same (truncated) path."""
+        tokens = self.tokenize(texts).to(self._token_embedding.weight.device)
+        eot = tokens.argmax(dim=-1)
+        if truncate:
+            tokens = tokens[:, : int(eot.max()) + 1]
+        feats = self._run_text(self._token_embedding(tokens), eot)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @torch.no_grad()
+    def anchor_features(self, class_names: list[str], template: str = "a photo of a {}.") -> Tensor:
+        """``z0``: normalised features of a hand-written template for every class."""
+        return self.encode_text([template.format(n.replace("_", " ")) for n in class_names])
+
+
+def _create_model(model_name: str, pretrained: str | None, cache_dir: str | None, init_seed: int) -> nn.Module:
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; flora ships {list_flora_models()}, "
+            "open_clip knows e.g. ViT-B-16, ViT-B-32, RN50"
+        )
+    if pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return open_clip.create_model(model_name, pretrained=None)
+    if pretrained == "shipped":
+        path = _shipped_weights(model_name)
+        if path is None:
+            raise PretrainedWeightsError(
+                f"flora ships no weights for {model_name!r}; use pretrained: null for a random init"
+            )
+        pretrained = str(path)
+    if os.path.isfile(pretrained):
+        return open_clip.create_model(model_name, pretrained=pretrained)
+    if any(sep in pretrained for sep in ("/", os.sep)) or pretrained.endswith((".pt", ".bin", ".safetensors")):
+        raise PretrainedWeightsError(f"pretrained checkpoint file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise PretrainedWeightsError(
+            f"{model_name!r} has no pretrained tag {pretrained!r}; known tags: {tags or 'none'}; "
+            "or pass a local checkpoint file path"
+        )
+    hint = (
+        f"could not load pretrained weights {model_name}/{pretrained}: not in the local cache and they "
+        "cannot be downloaded here. Download the checkpoint on a machine with internet and pass its path, "
+        "e.g. --model.init_args.clip_pretrained /path/to/open_clip_model.safetensors"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+        except Exception as err:  # noqa: BLE001 - any failure here is "not cached"
+            raise PretrainedWeightsError(hint) from err
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001
+        raise PretrainedWeightsError(f"{hint} ({type(err).__name__}: {err})") from err

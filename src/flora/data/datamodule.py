@@ -1,0 +1,241 @@
+"""FederatedDataModule: per-client webdataset shards, prepared on demand, read per client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import transforms as T
+
+from flora.data.errors import FloraDataError
+from flora.data.features import FeatureCache
+from flora.data.partition import Partitioner
+from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
+from flora.data.synthetic import SourceDataset
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, images: list[Any], labels: np.ndarray, transform: Callable[[Any], Tensor]) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """A federated dataset: one webdataset shard set per client plus a manifest.
+
+    Args:
+        root: folder with ``manifest.json`` and the client shards.
+        dataset: the source dataset (e.g. ``flora.data.SyntheticShapes``); with
+            ``partition`` it lets :meth:`prepare_data` write the shards when they are missing.
+        partition: how the source is split over clients (``IID``, ``Dirichlet``, ...).
+        prepare: write missing shards automatically (``flora prepare`` does it explicitly).
+        batch_size / eval_batch_size: client DataLoader batch sizes.
+        num_workers: DataLoader workers for image (non-cached) loading.
+        augment: random-resized-crop + flip for training images (disables the feature cache).
+        feature_cache: ``memory``, ``disk`` (under ``root/features``) or ``off``.
+        verify_shards: check every shard's sha256 against the manifest when reading it.
+        client_id: the client served by ``train_dataloader`` / ``val_dataloader`` /
+            ``test_dataloader`` when the module is used with a plain ``lightning.Trainer``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        dataset: SourceDataset | None = None,
+        partition: Partitioner | None = None,
+        prepare: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        augment: bool = False,
+        feature_cache: str = "memory",
+        verify_shards: bool = True,
+        client_id: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.dataset = dataset
+        self.partition = partition
+        self.prepare = prepare
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.verify_shards = verify_shards
+        self.client_id = client_id
+        self.cache = FeatureCache(feature_cache, self.root / "features")
+        self.manifest: dict[str, Any] | None = None
+        self._transform: Callable[[Any], Tensor] | None = None
+        self._train_transform: Callable[[Any], Tensor] | None = None
+
+    # ------------------------------------------------------------ preparation
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def prepare_data(self) -> None:
+        """Write the shards if they are missing; refuse shards prepared with other parameters."""
+        if self.manifest_path.exists():
+            if self.dataset is not None and self.partition is not None:
+                manifest = load_manifest(self.root)
+                if not manifest_matches(manifest, self.dataset, self.partition):
+                    raise FloraDataError(
+                        f"shards under {self.root} were prepared with other dataset/partition parameters; "
+                        "choose another data.root or delete that folder"
+                    )
+            return
+        if not self.prepare or self.dataset is None or self.partition is None:
+            raise FloraDataError(
+                f"manifest not found: {self.manifest_path}; run `flora prepare --config ...` "
+                "(or give data.dataset and data.partition with data.prepare: true)"
+            )
+        write_federated_shards(self.dataset, self.partition, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is None:
+            self.manifest = load_manifest(self.root)
+
+    def _require_manifest(self) -> dict[str, Any]:
+        if self.manifest is None:
+            self.setup()
+        assert self.manifest is not None
+        return self.manifest
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._require_manifest()["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_clients(self) -> int:
+        return int(self._require_manifest()["num_clients"])
+
+    def _client(self, client_id: int) -> dict[str, Any]:
+        clients = self._require_manifest()["clients"]
+        if not 0 <= client_id < len(clients):
+            raise FloraDataError(f"unknown client {client_id}: {self.root} has clients 0..{len(clients) - 1}")
+        return clients[client_id]
+
+    def num_samples(self, client_id: int, split: str = "train") -> int:
+        return int(self._client(client_id)[f"num_{split}"])
+
+    def shard_digest(self, client_id: int, split: str) -> str:
+        return ",".join(s["sha256"] for s in self._client(client_id)["shards"][split])
+
+    # ------------------------------------------------------------- transforms
+    def set_transform(self, transform: Callable[[Any], Tensor], image_size: int | None = None) -> None:
+        """Use the backbone's preprocessing (the federated trainer calls this)."""
+        self._transform = transform
+        if image_size is not None:
+            self._train_transform = T.Compose(
+                [T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), transform]
+            )
+
+    def _eval_tf(self) -> Callable[[Any], Tensor]:
+        if self._transform is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            backbone = getattr(module, "backbone", None)
+            if backbone is not None:
+                self.set_transform(backbone.preprocess, backbone.image_size)
+            else:
+                self._transform = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        assert self._transform is not None
+        return self._transform
+
+    # ------------------------------------------------------------------ data
+    def read_split(self, client_id: int, split: str) -> tuple[list[Any], np.ndarray]:
+        """Decoded images and labels of one client's split, read from its verified shards."""
+        images, labels = read_client_samples(
+            self.root, self._require_manifest(), client_id, split, verify=self.verify_shards
+        )
+        if split == "train" and len(labels) == 0:
+            raise FloraDataError(f"client {client_id} has no training data in {self.root}")
+        return images, np.asarray(labels)
+
+    def image_dataset(self, client_id: int, split: str, train: bool = False) -> Dataset:
+        images, labels = self.read_split(client_id, split)
+        tf = self._eval_tf()
+        if train and self.augment and self._train_transform is not None:
+            tf = self._train_transform
+        return _ImageDataset(images, labels, tf)
+
+    def feature_dataset(
+        self, client_id: int, split: str, encoder: Callable[[Tensor], Tensor], encoder_key: str
+    ) -> TensorDataset:
+        """Cached frozen features of one client's split, computed with ``encoder`` on a miss."""
+
+        def compute() -> tuple[Tensor, Tensor]:
+            ds = self.image_dataset(client_id, split)
+            loader = DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+            feats, labels = [], []
+            for x, y in loader:
+                feats.append(encoder(x).float().cpu())
+                labels.append(y)
+            if not feats:
+                return torch.empty(0), torch.empty(0, dtype=torch.long)
+            return torch.cat(feats), torch.cat(labels)
+
+        key = FeatureCache.make_key(encoder_key, repr(self._eval_tf()), self.shard_digest(client_id, split))
+        feats, labels = self.cache.get_or_compute(key, compute)
+        return TensorDataset(feats, labels)
+
+    def client_loader(
+        self,
+        client_id: int,
+        split: str = "train",
+        *,
+        train: bool = False,
+        seed: int = 0,
+        encoder: Callable[[Tensor], Tensor] | None = None,
+        encoder_key: str | None = None,
+    ) -> DataLoader:
+        """A DataLoader over one client's split; cached features when ``encoder`` is given and caching applies."""
+        if encoder is not None and self.uses_feature_cache:
+            ds: Dataset = self.feature_dataset(client_id, split, encoder, encoder_key or "")
+            workers = 0
+        else:
+            ds = self.image_dataset(client_id, split, train=train)
+            workers = self.num_workers
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            generator=gen if train else None,
+            num_workers=workers,
+            persistent_workers=False,
+        )
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return self.cache.enabled and not self.augment
+
+    # ------------------------------------------- plain lightning.Trainer use
+    def train_dataloader(self) -> DataLoader:
+        return self.client_loader(self.client_id, "train", train=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.client_loader(self.client_id, "test")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.client_loader(self.client_id, "test")

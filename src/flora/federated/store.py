@@ -1,0 +1,132 @@
+"""Where clients' private state lives between their turns: memory or disk, never the accelerator."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+def to_cpu_copy(obj: Any) -> Any:
+    """Recursively copy every tensor in ``obj`` to CPU memory (never a view of the input)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class ClientState:
+    """A client's private state: its local tensors, its optimiser state, how often it trained."""
+
+    local: dict[str, Tensor] = field(default_factory=dict)
+    optim: dict[str, Any] | None = None
+    rounds_trained: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"local": self.local, "optim": self.optim, "rounds_trained": self.rounds_trained}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientState:
+        return cls(d.get("local", {}), d.get("optim"), int(d.get("rounds_trained", 0)))
+
+
+class ClientStore:
+    """Interface of a client-state store. ``put`` and ``get`` always copy."""
+
+    def get(self, client_id: int) -> ClientState | None:
+        raise NotImplementedError
+
+    def put(self, client_id: int, state: ClientState) -> None:
+        raise NotImplementedError
+
+    def client_ids(self) -> list[int]:
+        raise NotImplementedError
+
+    def __contains__(self, client_id: int) -> bool:
+        return client_id in set(self.client_ids())
+
+    def state_dict(self) -> dict[str, Any]:
+        out = {}
+        for cid in self.client_ids():
+            state = self.get(cid)
+            assert state is not None
+            out[str(cid)] = state.to_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for cid, d in state.items():
+            self.put(int(cid), ClientState.from_dict(d))
+
+
+class MemoryClientStore(ClientStore):
+    """Client states in host memory."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, ClientState] = {}
+
+    def get(self, client_id: int) -> ClientState | None:
+        state = self._states.get(client_id)
+        return None if state is None else ClientState(**to_cpu_copy(state.to_dict()))
+
+    def put(self, client_id: int, state: ClientState) -> None:
+        self._states[client_id] = ClientState(**to_cpu_copy(state.to_dict()))
+
+    def client_ids(self) -> list[int]:
+        return sorted(self._states)
+
+
+class DiskClientStore(ClientStore):
+    """Client states on disk (one safetensors file of local tensors + one optimiser file per client).
+
+    For federations with thousands of clients. Files are written atomically.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._ids: set[int] = {
+            int(p.name.split("-")[1].split(".")[0]) for p in self.directory.glob("client-*.safetensors")
+        }
+
+    def _paths(self, client_id: int) -> tuple[Path, Path]:
+        stem = self.directory / f"client-{client_id:06d}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".optim.pt")
+
+    def get(self, client_id: int) -> ClientState | None:
+        if client_id not in self._ids:
+            return None
+        tensors, optim = self._paths(client_id)
+        local = load_file(tensors)
+        meta = torch.load(optim, map_location="cpu", weights_only=True)
+        return ClientState(local, meta["optim"], int(meta["rounds_trained"]))
+
+    def put(self, client_id: int, state: ClientState) -> None:
+        tensors, optim = self._paths(client_id)
+        tmp_t = tensors.with_suffix(f".tmp{os.getpid()}")
+        tmp_o = optim.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.local.items()}, str(tmp_t))
+        torch.save({"optim": to_cpu_copy(state.optim), "rounds_trained": state.rounds_trained}, tmp_o)
+        os.replace(tmp_o, optim)
+        os.replace(tmp_t, tensors)
+        self._ids.add(client_id)
+
+    def client_ids(self) -> list[int]:
+        return sorted(self._ids)
+
+
+def make_store(kind: str, directory: str | os.PathLike) -> ClientStore:
+    if kind == "memory":
+        return MemoryClientStore()
+    if kind == "disk":
+        return DiskClientStore(directory)
+    raise ValueError(f"state_store must be 'memory' or 'disk', got {kind!r}")

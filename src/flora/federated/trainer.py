@@ -1,0 +1,532 @@
+"""FederatedTrainer: the federated loop on Lightning Fabric.
+
+One round reads top to bottom in :meth:`FederatedTrainer._run_round`:
+
+1. the round's clients come from a seeded sampling stream fixed in advance;
+2. they are dealt over the Fabric ranks; each rank trains its clients one after the
+   other on the single client module (global state + that client's local state loaded
+   in, a per-client optimiser, local epochs);
+3. uploads (copies) are gathered from all ranks and aggregated by the method in
+   client-id order, so results do not depend on the number of devices;
+4. every ``eval_every`` rounds all clients are evaluated (sharded over ranks);
+5. rank 0 logs and writes an atomic checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric import Fabric
+
+from flora.data.datamodule import FederatedDataModule
+from flora.federated.metrics import ClientEval, evaluate_predictions, summarise
+from flora.federated.sampling import ClientSampler, derive_seed
+from flora.federated.store import ClientState, ClientStore, make_store, to_cpu_copy
+from flora.methods.base import FederatedPromptModule, StateDict
+from flora.reporting import RunReporter
+
+CHECKPOINT_FORMAT = 1
+_SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "16-mixed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used for this run."""
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    num_samples: int
+    upload: StateDict
+    state: ClientState
+    loss: float
+    steps: int
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _state_bytes(state: StateDict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _method_path(module: FederatedPromptModule) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class FederatedTrainer:
+    """Runs a federated prompt-learning experiment.
+
+    Args:
+        rounds: communication rounds.
+        local_epochs: epochs over its training data per sampled client per round.
+        client_fraction: fraction of clients sampled per round (ignored when
+            ``clients_per_round`` is set).
+        clients_per_round: exact number of clients per round.
+        seed: seeds client sampling, initialisation and every client's data order.
+        accelerator, devices, strategy, num_nodes: as in Lightning Fabric. Clients are
+            sharded over devices; ``strategy`` defaults to ``ddp`` when ``devices > 1``.
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (GPU).
+        eval_every: evaluate every N rounds (the last round is always evaluated).
+        eval_before_training: also evaluate the initial model (round 0).
+        optimizer_state: ``persist`` (each client keeps its own optimiser state
+            across its turns) or ``reset`` (a fresh optimiser every turn). Never shared.
+        state_store: ``memory`` or ``disk`` (under the run folder) for client states.
+        max_steps_per_round: cap on optimiser steps per client per round (None: no cap).
+        output_dir, name: the run writes ``<output_dir>/<name>/``.
+        loggers: ``csv`` and/or ``wandb`` (wandb honours ``WANDB_MODE``, e.g. offline).
+        wandb_project: project name of the wandb run.
+        progress: show progress output.
+        checkpoint_every: write a checkpoint every N rounds (always after the last).
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        local_epochs: int = 1,
+        client_fraction: float = 1.0,
+        clients_per_round: int | None = None,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        strategy: str = "auto",
+        num_nodes: int = 1,
+        precision: str = "32-true",
+        eval_every: int = 1,
+        eval_before_training: bool = False,
+        optimizer_state: str = "persist",
+        state_store: str = "memory",
+        max_steps_per_round: int | None = None,
+        output_dir: str = "runs",
+        name: str = "default",
+        loggers: Sequence[str] = ("csv",),
+        wandb_project: str = "flora",
+        progress: bool = True,
+        checkpoint_every: int = 1,
+    ) -> None:
+        if rounds < 0 or local_epochs < 1 or eval_every < 1 or checkpoint_every < 1:
+            raise ValueError("rounds >= 0, local_epochs >= 1, eval_every >= 1 and checkpoint_every >= 1 are required")
+        if str(precision) not in _SUPPORTED_PRECISION:
+            raise ValueError(f"precision must be one of {_SUPPORTED_PRECISION}, got {precision!r}")
+        if optimizer_state not in ("persist", "reset"):
+            raise ValueError(f"optimizer_state must be 'persist' or 'reset', got {optimizer_state!r}")
+        unknown = set(loggers) - {"csv", "wandb"}
+        if unknown:
+            raise ValueError(f"unknown logger(s) {sorted(unknown)}; use 'csv' and/or 'wandb'")
+        self.rounds = rounds
+        self.local_epochs = local_epochs
+        self.client_fraction = client_fraction
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.accelerator = accelerator
+        self.devices = devices
+        self.strategy = strategy
+        self.num_nodes = num_nodes
+        self.precision = str(precision)
+        self.eval_every = eval_every
+        self.eval_before_training = eval_before_training
+        self.optimizer_state = optimizer_state
+        self.state_store = state_store
+        self.max_steps_per_round = max_steps_per_round
+        self.output_dir = output_dir
+        self.name = name
+        self.loggers = list(loggers)
+        self.wandb_project = wandb_project
+        self.progress = progress
+        self.checkpoint_every = checkpoint_every
+        self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def _resolve_ckpt(self, ckpt_path: str | None) -> Path | None:
+        if ckpt_path is None:
+            return None
+        path = self.checkpoint_path if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        return path
+
+    # ----------------------------------------------------------------- fabric
+    def _make_fabric(self) -> Fabric:
+        strategy = self.strategy
+        devices = self.devices
+        n_dev = devices if isinstance(devices, int) else None
+        if strategy == "auto" and (n_dev is None or n_dev > 1 or self.num_nodes > 1):
+            strategy = "ddp"
+        loggers = []
+        if "csv" in self.loggers:
+            from lightning.fabric.loggers import CSVLogger
+
+            loggers.append(CSVLogger(root_dir=str(self.run_dir), name="csv", version=""))
+        if "wandb" in self.loggers:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=self.wandb_project, name=self.name, save_dir=str(self.run_dir)))
+        return Fabric(
+            accelerator=self.accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=self.num_nodes,
+            precision=self.precision,  # type: ignore[arg-type]
+            loggers=loggers,
+        )
+
+    # ------------------------------------------------------------ public API
+    def fit(
+        self,
+        model: FederatedPromptModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Train ``model`` federatedly on ``datamodule``; resume from ``ckpt_path`` (a file or ``last``)."""
+        return self._launch(self._fit, model, datamodule, ckpt_path)
+
+    def validate(
+        self,
+        model: FederatedPromptModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate every client once (from ``ckpt_path`` if given) and write ``validate.json``."""
+        return self._launch(self._evaluate_only, model, datamodule, ckpt_path, "validate")
+
+    def test(
+        self,
+        model: FederatedPromptModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate every client once on its test split (from ``ckpt_path`` if given) and write ``test.json``."""
+        return self._launch(self._evaluate_only, model, datamodule, ckpt_path, "test")
+
+    def _launch(self, fn: Callable[..., Any], model: Any, datamodule: Any, *args: Any) -> Any:
+        if not isinstance(model, FederatedPromptModule):
+            raise TypeError(f"the model must be a flora method (FederatedPromptModule), got {type(model).__name__}")
+        if not isinstance(datamodule, FederatedDataModule):
+            raise TypeError("a FederatedDataModule is required (data: section of the config)")
+        self._resolve_ckpt(args[0] if args else None)
+        fabric = self._make_fabric()
+        return fabric.launch(fn, model, datamodule, *args)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule) -> None:
+        self.fabric = fabric
+        if fabric.device.type == "cpu" and fabric.world_size > 1:
+            local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", fabric.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+        if fabric.is_global_zero:
+            dm.prepare_data()
+        fabric.barrier()
+        dm.setup("fit")
+        module.set_task(dm.class_names)
+        module.to(fabric.device)
+        dm.set_transform(module.backbone.preprocess, module.backbone.image_size)
+        self.module = module
+        self.dm = dm
+        self.sampler = ClientSampler(dm.num_clients, self.client_fraction, self.seed, self.clients_per_round)
+        self.store: ClientStore = make_store(self.state_store, self.run_dir / "client_states")
+        self.use_features = dm.uses_feature_cache and module.feature_kind in ("global", "patch")
+        self.encoder_key = f"{module.backbone.fingerprint()}|{module.feature_kind}"
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, 1))
+        module.reset_global_parameters(gen)
+        self.global_state: StateDict = module.global_state()
+        self.completed_rounds = 0
+        self.history: list[dict[str, Any]] = []
+        self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_time_s": 0.0}
+
+    def _encoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if not self.use_features:
+            return None
+        module, fabric = self.module, self.fabric
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), fabric.autocast():
+                return module.image_features(fabric.to_device(images)).float()
+
+        return encode
+
+    def _loader(self, client_id: int, split: str, train: bool, seed: int = 0) -> Any:
+        return self.dm.client_loader(
+            client_id, split, train=train, seed=seed, encoder=self._encoder(), encoder_key=self.encoder_key
+        )
+
+    # ----------------------------------------------------------- checkpoints
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        module = self.module
+        return {
+            "flora_checkpoint": CHECKPOINT_FORMAT,
+            "method": _method_path(module),
+            "class_names": list(module.class_names),
+            "num_clients": self.dm.num_clients,
+            "completed_rounds": self.completed_rounds,
+            "global_state": self.global_state,
+            "server_state": to_cpu_copy(module.server_state_dict()),
+            "clients": self.store.state_dict(),
+            "history": self.history,
+            "totals": self.totals,
+            "seed": self.seed,
+        }
+
+    def _save_checkpoint(self) -> None:
+        payload = self._checkpoint_payload()  # every rank holds the same replicated state
+        if not self.fabric.is_global_zero:
+            return
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        if not isinstance(ckpt, dict) or ckpt.get("flora_checkpoint") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a flora federated checkpoint (format {CHECKPOINT_FORMAT})")
+        method = _method_path(self.module)
+        if ckpt["method"] != method:
+            raise CheckpointError(f"checkpoint {path} was written by {ckpt['method']}, but the model is {method}")
+        if ckpt["class_names"] != self.module.class_names or ckpt["num_clients"] != self.dm.num_clients:
+            raise CheckpointError(
+                f"checkpoint {path} belongs to another task ({ckpt['num_clients']} clients, "
+                f"{len(ckpt['class_names'])} classes); this data has {self.dm.num_clients} clients, "
+                f"{len(self.module.class_names)} classes"
+            )
+        try:
+            self.module.load_global_state(ckpt["global_state"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
+        self.global_state = ckpt["global_state"]
+        self.module.load_server_state_dict(ckpt["server_state"])
+        self.store.load_state_dict(ckpt["clients"])
+        self.completed_rounds = int(ckpt["completed_rounds"])
+        self.history = list(ckpt["history"])
+        self.totals = dict(ckpt["totals"])
+
+    # ---------------------------------------------------------------- client
+    def _prepare_client(self, client_id: int) -> ClientState | None:
+        """Load the global download and the client's local state into the module."""
+        module = self.module
+        module.load_global_state(module.download_state(client_id, self.global_state))
+        state = self.store.get(client_id)
+        if state is None:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, client_id))
+            module.reset_local_parameters(gen)
+        else:
+            module.load_local_state(state.local)
+        return state
+
+    def _train_client(self, client_id: int, round_idx: int) -> ClientResult:
+        fabric, module = self.fabric, self.module
+        start = time.perf_counter()
+        previous = self._prepare_client(client_id)
+        optimizer = module.configure_optimizers()
+        if isinstance(optimizer, dict):
+            optimizer = optimizer["optimizer"]
+        if self.optimizer_state == "persist" and previous is not None and previous.optim is not None:
+            optimizer.load_state_dict(to_cpu_copy(previous.optim))
+        optimizer = fabric.setup_optimizers(optimizer)
+        seed = derive_seed(self.seed, 3, round_idx, client_id)
+        torch.manual_seed(seed)
+        loader = self._loader(client_id, "train", train=True, seed=seed)
+        module.train()
+        losses: list[float] = []
+        steps = 0
+        for _epoch in range(self.local_epochs):
+            for batch_idx, batch in enumerate(loader):
+                batch = fabric.to_device(batch)
+                with fabric.autocast():
+                    try:
+                        loss = module.training_step(batch, batch_idx)
+                    except FloatingPointError as err:
+                        raise FloatingPointError(f"round {round_idx + 1}, client {client_id}: {err}") from err
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                steps += 1
+                if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
+                    break
+            if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
+                break
+        module.eval()
+        optim_state = to_cpu_copy(optimizer.state_dict()) if self.optimizer_state == "persist" else None
+        state = ClientState(
+            local=module.local_state(),
+            optim=optim_state,
+            rounds_trained=(previous.rounds_trained if previous else 0) + 1,
+        )
+        return ClientResult(
+            client_id=client_id,
+            num_samples=len(loader.dataset),
+            upload=module.global_state(),
+            state=state,
+            loss=sum(losses) / max(1, len(losses)),
+            steps=steps,
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def _eval_client(self, client_id: int) -> ClientEval:
+        fabric, module = self.fabric, self.module
+        self._prepare_client(client_id)
+        module.eval()
+        preds, targets = [], []
+        for x, y in self._loader(client_id, "test", train=False):
+            with fabric.autocast():
+                logits = module(fabric.to_device(x))
+            preds.append(logits.argmax(-1).cpu())
+            targets.append(y)
+        if not targets:
+            raise ValueError(f"client {client_id} has no test samples to evaluate")
+        return evaluate_predictions(client_id, torch.cat(preds), torch.cat(targets), module.num_classes)
+
+    # ------------------------------------------------------------ collectives
+    def _gather(self, items: list[Any]) -> list[Any]:
+        if self.fabric.world_size == 1:
+            return items
+        out: list[list[Any]] = [[] for _ in range(self.fabric.world_size)]
+        dist.all_gather_object(out, items)
+        return [x for part in out for x in part]
+
+    def _my_share(self, client_ids: list[int]) -> list[int]:
+        return client_ids[self.fabric.global_rank :: self.fabric.world_size]
+
+    # ----------------------------------------------------------------- round
+    def _evaluate(self) -> tuple[dict[str, float], list[ClientEval]]:
+        evals = [self._eval_client(c) for c in self._my_share(list(range(self.dm.num_clients)))]
+        evals = sorted(self._gather(evals), key=lambda e: e.client_id)
+        return summarise(evals, "local"), evals
+
+    def _run_round(self, round_idx: int, reporter: RunReporter) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sampled = self.sampler.clients(round_idx)
+        mine = self._my_share(sampled)
+        results = []
+        for cid in mine:
+            results.append(self._train_client(cid, round_idx))
+            reporter.client_done(cid)
+        results = sorted(self._gather(results), key=lambda r: r.client_id)
+        t_train = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        for r in results:
+            self.store.put(r.client_id, r.state)
+        uploads = [(r.client_id, r.num_samples, r.upload) for r in results]
+        bytes_up = sum(_state_bytes(r.upload) for r in results)
+        bytes_down = sum(_state_bytes(self.module.download_state(c, self.global_state)) for c in sampled)
+        self.global_state = to_cpu_copy(self.module.aggregate(uploads, self.global_state))
+        t_agg = time.perf_counter() - t1
+
+        record: dict[str, Any] = {
+            "round": round_idx + 1,
+            "clients": sampled,
+            "train_loss": sum(r.loss * r.num_samples for r in results) / max(1, sum(r.num_samples for r in results)),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "time_train_s": t_train,
+            "time_aggregate_s": t_agg,
+        }
+        is_last = round_idx + 1 == self.rounds
+        if (round_idx + 1) % self.eval_every == 0 or is_last:
+            t2 = time.perf_counter()
+            metrics, _ = self._evaluate()
+            record.update(metrics)
+            record["time_eval_s"] = time.perf_counter() - t2
+        record["time_round_s"] = time.perf_counter() - t0
+        return record
+
+    def _account(self, record: dict[str, Any]) -> None:
+        self.totals["bytes_up_total"] += record.get("bytes_up", 0)
+        self.totals["bytes_down_total"] += record.get("bytes_down", 0)
+        self.totals["wall_time_s"] += record.get("time_round_s", 0.0)
+        record.update(self.totals)
+        self.history.append(record)
+
+    def _fit(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None):
+        self._setup(fabric, module, dm)
+        reporter = RunReporter(self.run_dir, enabled=fabric.is_global_zero, progress=self.progress, fabric=fabric)
+        ckpt = self._resolve_ckpt(ckpt_path)
+        if ckpt is not None:
+            self._load_checkpoint(ckpt)
+            reporter.note(f"resumed from {ckpt} after round {self.completed_rounds}")
+        elif self.state_store == "disk" and fabric.is_global_zero:
+            for p in (self.run_dir / "client_states").glob("client-*"):
+                p.unlink()
+        fabric.barrier()
+        reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
+        if not module.is_trainable:
+            reporter.note(f"{type(module).__name__} has no trainable parameters: evaluating only")
+            if not self.history:
+                t0 = time.perf_counter()
+                metrics, _ = self._evaluate()
+                record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
+                record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
+                self._account(record)
+                reporter.round_done(record)
+            self.completed_rounds = self.rounds
+        else:
+            if self.eval_before_training and not self.history:
+                t0 = time.perf_counter()
+                metrics, _ = self._evaluate()
+                record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
+                record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
+                self._account(record)
+                reporter.round_done(record)
+            for round_idx in range(self.completed_rounds, self.rounds):
+                reporter.round_start(round_idx, self.rounds, len(self.sampler.clients(round_idx)))
+                record = self._run_round(round_idx, reporter)
+                self._account(record)
+                self.completed_rounds = round_idx + 1
+                if self.completed_rounds % self.checkpoint_every == 0 or self.completed_rounds == self.rounds:
+                    self._save_checkpoint()
+                reporter.round_done(record)
+                fabric.barrier()
+        self.module.load_global_state(self.global_state)
+        summary = reporter.finish(self.history, method=_method_path(module))
+        fabric.barrier()
+        return summary
+
+    def _evaluate_only(
+        self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None, kind: str
+    ) -> dict[str, Any]:
+        self._setup(fabric, module, dm)
+        ckpt = self._resolve_ckpt(ckpt_path)
+        if ckpt is not None:
+            self._load_checkpoint(ckpt)
+        metrics, evals = self._evaluate()
+        result = {
+            "kind": kind,
+            "method": _method_path(module),
+            "checkpoint": str(ckpt) if ckpt else None,
+            "completed_rounds": self.completed_rounds,
+            **metrics,
+            "clients": [e.__dict__ for e in evals],
+        }
+        if fabric.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / f"{kind}.json").write_text(json.dumps(result, indent=2))
+            if self.progress:
+                print(
+                    f"{kind}: local acc {metrics['local_acc_mean']:.2f} ± {metrics['local_acc_std']:.2f} "
+                    f"(worst 10% {metrics['local_acc_worst10']:.2f}, pooled {metrics['local_acc_pooled']:.2f}, "
+                    f"macro-F1 {metrics['local_f1_mean']:.2f}) -> {self.run_dir / (kind + '.json')}"
+                )
+        return result
+

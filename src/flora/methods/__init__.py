@@ -1,0 +1,7 @@
+"""Federated prompt-learning methods, one LightningModule each."""
+
+from flora.methods.base import FederatedPromptModule, Role
+from flora.methods.promptfl import CoOpModule, LocalCoOp, PromptFL
+from flora.methods.zeroshot import ZeroShotCLIP
+
+__all__ = ["CoOpModule", "FederatedPromptModule", "LocalCoOp", "PromptFL", "Role", "ZeroShotCLIP"]

@@ -1,0 +1,318 @@
+"""The base class of every method: one client's model as a LightningModule.
+
+A method declares which of its parameters are *global* (uploaded to the server and
+aggregated), *local* (kept by the client across rounds) or frozen (everything else,
+including the CLIP backbone). The federated trainer only talks to this interface, so a
+method never needs to know how it is federated, and the same module trains with a
+plain ``lightning.Trainer`` on one client's DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from flora.clip import CLIPBackbone, ClassPrompts
+
+StateDict = dict[str, Tensor]
+
+
+class Role(str, Enum):
+    GLOBAL = "global"
+    LOCAL = "local"
+    FROZEN = "frozen"
+
+
+class FederatedPromptModule(L.LightningModule):
+    """One client's prompt learner on a frozen CLIP backbone.
+
+    Subclasses set ``global_params`` / ``local_params`` (parameter-name prefixes), build
+    their learnable tensors in ``__init__``, and implement :meth:`text_features` (and, if
+    they change the image side, :meth:`image_side`). Everything else (loss, evaluation,
+    state exchange, FedAvg) has a default here.
+
+    Args:
+        class_names: class names of the task in label order. May be left out and set
+            later with :meth:`set_task` (the federated trainer and a datamodule exposing
+            ``class_names`` both do this).
+        clip_model: open_clip architecture or a flora-shipped config (``flora-tiny``).
+        clip_pretrained: pretrained tag, checkpoint path, ``shipped`` or ``None`` (random).
+        template: hand-written template of the anchor / zero-shot text features.
+        lr, momentum, weight_decay: SGD settings of the local optimiser.
+    """
+
+    global_params: ClassVar[tuple[str, ...]] = ()
+    local_params: ClassVar[tuple[str, ...]] = ()
+    #: which image features the method consumes: ``"global"`` (pooled), ``"patch"`` or ``"image"`` (raw)
+    feature_kind: ClassVar[str] = "global"
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        clip_model: str = "flora-tiny",
+        clip_pretrained: str | None = None,
+        template: str = "a photo of a {}.",
+        lr: float = 2e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["class_names"])
+        self.backbone = CLIPBackbone(clip_model, clip_pretrained)
+        self.template = template
+        self.class_names: list[str] = []
+        self.prompts: ClassPrompts | None = None
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
+        self._eval_text: Tensor | None = None
+        self.val_acc: MulticlassAccuracy | None = None
+        if class_names is not None:
+            self.set_task(list(class_names))
+
+    # -------------------------------------------------------------- the task
+    @property
+    def n_ctx(self) -> int:
+        """Number of learned context tokens (0 for methods without a context)."""
+        return 0
+
+    def set_task(self, class_names: Sequence[str]) -> None:
+        """Set the classes of the task (label order); rebuilds the cached prompt tokens and ``z0``."""
+        class_names = list(class_names)
+        if not class_names:
+            raise ValueError("a task needs at least one class name")
+        if class_names == self.class_names and self.prompts is not None:
+            return
+        self.class_names = class_names
+        device = self.anchor.device
+        self.prompts = self.backbone.build_class_prompts(class_names, self.n_ctx).to(device)
+        self.anchor = self.backbone.anchor_features(class_names, self.template).to(device)
+        self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro").to(device)
+        self._eval_text = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str) -> None:
+        if self.prompts is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            names = getattr(dm, "class_names", None)
+            if not names:
+                raise ValueError(
+                    f"{type(self).__name__} has no class names: pass class_names=... or use a datamodule "
+                    "that exposes .class_names"
+                )
+            self.set_task(names)
+
+    def _require_task(self) -> ClassPrompts:
+        if self.prompts is None:
+            raise RuntimeError(f"{type(self).__name__}.set_task(class_names) must be called first")
+        return self.prompts
+
+    # ------------------------------------------------------------- parameters
+    def parameter_roles(self) -> dict[str, Role]:
+        """Role of every parameter outside the frozen backbone."""
+        roles: dict[str, Role] = {}
+        for name, param in self.named_parameters():
+            if name.startswith("backbone."):
+                continue
+            is_global = any(name == p or name.startswith(p + ".") for p in self.global_params)
+            is_local = any(name == p or name.startswith(p + ".") for p in self.local_params)
+            if is_global and is_local:
+                raise TypeError(f"{type(self).__name__}: parameter {name!r} is declared both global and local")
+            if is_global:
+                roles[name] = Role.GLOBAL
+            elif is_local:
+                roles[name] = Role.LOCAL
+            else:
+                if param.requires_grad:
+                    raise TypeError(
+                        f"{type(self).__name__}: trainable parameter {name!r} has no role; add it to "
+                        "global_params or local_params (or set requires_grad=False)"
+                    )
+                roles[name] = Role.FROZEN
+        return roles
+
+    def _params_with_role(self, role: Role) -> dict[str, nn.Parameter]:
+        params = dict(self.named_parameters())
+        return {n: params[n] for n, r in self.parameter_roles().items() if r is role}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for r in (Role.GLOBAL, Role.LOCAL) for p in self._params_with_role(r).values()]
+
+    @property
+    def is_trainable(self) -> bool:
+        return len(self.trainable_parameters()) > 0
+
+    def global_state(self) -> StateDict:
+        """A CPU copy of the global (uploaded) tensors."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self._params_with_role(Role.GLOBAL).items()}
+
+    def local_state(self) -> StateDict:
+        """A CPU copy of the client-local tensors."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self._params_with_role(Role.LOCAL).items()}
+
+    @torch.no_grad()
+    def load_role_state(self, state: StateDict, role: Role) -> None:
+        """Copy ``state`` into the parameters of ``role`` (all of them must be present)."""
+        params = self._params_with_role(role)
+        missing = sorted(set(params) - set(state))
+        extra = sorted(set(state) - set(params))
+        if missing or extra:
+            raise KeyError(f"{type(self).__name__} {role.value} state mismatch: missing {missing}, unexpected {extra}")
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} has shape {tuple(params[name].shape)}, state has {tuple(value.shape)}"
+                )
+            params[name].copy_(value)
+        self._eval_text = None
+
+    def load_global_state(self, state: StateDict) -> None:
+        self.load_role_state(state, Role.GLOBAL)
+
+    def load_local_state(self, state: StateDict) -> None:
+        self.load_role_state(state, Role.LOCAL)
+
+    def reset_global_parameters(self, generator: torch.Generator) -> None:
+        """Initialise the global tensors (the server's round-0 model) from ``generator``."""
+
+    def reset_local_parameters(self, generator: torch.Generator) -> None:
+        """Initialise a new client's local tensors from ``generator``."""
+
+    # ---------------------------------------------------------- server side
+    def aggregate(self, uploads: Sequence[tuple[int, int, StateDict]], current: StateDict) -> StateDict:
+        """Server update: sample-weighted FedAvg of ``(client_id, num_samples, state)`` uploads.
+
+        Uploads are summed in client-id order, so the result does not depend on which
+        device trained which client.
+        """
+        if not uploads or not current:
+            return current
+        uploads = sorted(uploads, key=lambda u: u[0])
+        total = float(sum(n for _, n, _ in uploads))
+        if total <= 0:
+            raise ValueError("FedAvg needs at least one sample among the uploading clients")
+        out: StateDict = {}
+        for name in current:
+            acc = torch.zeros_like(current[name], dtype=torch.float64)
+            for _, n, state in uploads:
+                acc += state[name].to(torch.float64) * (n / total)
+            out[name] = acc.to(current[name].dtype)
+        return out
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """Extra server-side state of the method (checkpointed). Empty by default."""
+        return {}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state_dict`."""
+
+    def download_state(self, client_id: int, global_state: StateDict) -> StateDict:
+        """What the server sends client ``client_id`` this round (the global state by default)."""
+        return global_state
+
+    # -------------------------------------------------------------- forward
+    def text_features(self) -> Tensor:
+        """Normalised text features of every class, ``(n_cls, d)``. Default: ``z0`` (zero-shot)."""
+        self._require_task()
+        return self.anchor
+
+    def image_features(self, x: Tensor) -> Tensor:
+        """Image features from raw images ``(B, 3, H, W)`` or already-encoded features.
+
+        Cached ``global`` features arrive as ``(B, d)``, ``patch`` features as ``(B, 1 + M, d)``
+        (the pooled token first), so a method sees the same thing whether or not the
+        feature cache is on.
+        """
+        if x.dim() == 4:
+            if self.feature_kind == "patch":
+                pooled, tokens = self.backbone.encode_image_tokens(x)
+                return torch.cat([pooled.unsqueeze(1), tokens], dim=1)
+            return self.backbone.encode_image(x)
+        return x
+
+    def image_side(self, feats: Tensor) -> Tensor:
+        """Map image features to normalised embeddings ``(B, d)``. Default: normalise the pooled feature."""
+        if feats.dim() == 3:
+            feats = feats[:, 0]
+        return F.normalize(feats.float(), dim=-1)
+
+    def logits_from(self, img: Tensor, text: Tensor) -> Tensor:
+        return self.backbone.logit_scale * img @ text.to(img.dtype).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``(B, n_cls)`` for images or cached features."""
+        img = self.image_side(self.image_features(x))
+        if self.training or torch.is_grad_enabled():
+            text = self.text_features()
+        else:
+            if self._eval_text is None:
+                self._eval_text = self.text_features().detach()
+            text = self._eval_text
+        return self.logits_from(img, text)
+
+    def train(self, mode: bool = True) -> FederatedPromptModule:
+        self._eval_text = None
+        return super().train(mode)
+
+    # --------------------------------------------------------- lightning API
+    def compute_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss and its named parts. Default: cross-entropy."""
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"ce": loss.detach()}
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss, parts = self.compute_loss(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite training loss ({float(loss.detach())}) at batch {batch_idx}; "
+                "lower the learning rate or use 32-true precision"
+            )
+        if self._trainer is not None:
+            self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        self.val_acc(self(x).argmax(-1), y)
+        if self._trainer is not None:
+            self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        self.val_acc(self(x).argmax(-1), y)
+        if self._trainer is not None:
+            self.log("test_acc", self.val_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        params = self.trainable_parameters()
+        if not params:
+            return None
+        hp = self.hparams
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    # ----------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning checkpoints keep the learned tensors only: the frozen backbone is rebuilt from its config."""
+        sd = checkpoint.get("state_dict", {})
+        for key in [k for k in sd if k.startswith("backbone.")]:
+            del sd[key]
+        checkpoint["flora_class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = checkpoint.get("flora_class_names")
+        if names:
+            self.set_task(names)
+        sd = checkpoint.get("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith("backbone.") and key not in sd:
+                sd[key] = value

@@ -1,0 +1,176 @@
+"""What a run shows and writes: progress, the per-round table, metrics.jsonl, summary.json, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+SUMMARY_KEYS = (
+    "round",
+    "local_acc_mean",
+    "local_acc_std",
+    "local_acc_worst10",
+    "local_acc_pooled",
+    "local_f1_mean",
+    "bytes_up_total",
+    "bytes_down_total",
+    "wall_time_s",
+)
+
+_COLUMNS = (
+    ("round", "round", "{:>5}"),
+    ("clients", "clients", "{:>7}"),
+    ("train_loss", "loss", "{:>7.4f}"),
+    ("local_acc_mean", "local acc", "{:>9.2f}"),
+    ("local_acc_worst10", "worst10%", "{:>8.2f}"),
+    ("local_f1_mean", "macro-F1", "{:>8.2f}"),
+    ("bytes_up", "up KiB", "{:>8.1f}"),
+    ("time_round_s", "time s", "{:>7.2f}"),
+)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_summary(history: list[dict[str, Any]], method: str, name: str) -> dict[str, Any]:
+    """``final`` and ``best`` (by mean local accuracy) evaluated rounds, plus the last-5 mean/std."""
+    evaluated = [r for r in history if "local_acc_mean" in r]
+    summary: dict[str, Any] = {"name": name, "method": method, "rounds": len([r for r in history if r["round"] > 0])}
+    if not evaluated:
+        return summary
+    pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
+    summary["final"] = pick(evaluated[-1])
+    summary["best"] = pick(max(evaluated, key=lambda r: r["local_acc_mean"]))
+    last = [r["local_acc_mean"] for r in evaluated[-5:]]
+    mean = sum(last) / len(last)
+    summary["last5"] = {
+        "local_acc_mean": mean,
+        "local_acc_mean_std": (sum((x - mean) ** 2 for x in last) / len(last)) ** 0.5,
+        "rounds": [r["round"] for r in evaluated[-5:]],
+    }
+    return summary
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in history if "local_acc_mean" in r]
+    if not evaluated:
+        return
+    rounds = [r["round"] for r in evaluated]
+    mean = [r["local_acc_mean"] for r in evaluated]
+    std = [r["local_acc_std"] for r in evaluated]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(rounds, mean, marker="o", label="local acc (mean over clients)")
+    ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.plot(rounds, [r["local_acc_worst10"] for r in evaluated], linestyle="--", label="worst 10% of clients")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class RunReporter:
+    """Prints progress and the per-round table (rank 0) and writes the run folder."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool = True, fabric: Any = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self.fabric = fabric
+        self.console = Console(highlight=False)
+        self._header_done = False
+        self._round_clients = 0
+        self._done = 0
+
+    def note(self, text: str) -> None:
+        if self.progress:
+            self.console.print(f"[bold]flora[/bold] {text}")
+
+    def start(self, trainer: Any, module: Any, dm: Any, config_text: str | None, resumed: bool) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config_text is not None:
+            _write_atomic(self.run_dir / "config.yaml", config_text)
+        # metrics.jsonl always mirrors the history (a resumed run drops rounds after its checkpoint)
+        self._rewrite_metrics(trainer.history)
+        if self.progress:
+            n_params = sum(p.numel() for p in module.trainable_parameters())
+            cache = "on" if trainer.use_features else "off"
+            self.note(
+                f"{type(module).__name__} | {dm.num_clients} clients, {dm.num_classes} classes | "
+                f"{trainer.sampler.per_round} clients/round x {trainer.rounds} rounds | "
+                f"{n_params:,} trainable parameters | devices={self.fabric.world_size} "
+                f"precision={trainer.precision} | feature cache {cache} | run dir {self.run_dir}"
+            )
+
+    def round_start(self, round_idx: int, rounds: int, n_clients: int) -> None:
+        self._round_clients = n_clients
+        self._done = 0
+
+    def client_done(self, client_id: int) -> None:
+        self._done += 1
+        if self.progress and self.console.is_terminal:
+            self.console.print(f"  client {client_id} done ({self._done} on this device)", end="\r")
+
+    def _cells(self, record: dict[str, Any]) -> str:
+        cells = []
+        for key, title, fmt in _COLUMNS:
+            width = max(len(title), 5)
+            value = record.get(key)
+            if key == "clients":
+                value = len(value) if value is not None else None
+            if key == "bytes_up" and value is not None:
+                value = value / 1024
+            cells.append(f"{fmt.format(value):>{width}}" if value is not None else f"{'-':>{width}}")
+        return " ".join(cells)
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.fabric is not None:
+            numeric = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "round"}
+            self.fabric.log_dict(numeric, step=record["round"])
+        if self.progress:
+            if not self._header_done:
+                self.console.print(" ".join(f"{title:>{max(len(title), 5)}}" for _, title, _ in _COLUMNS))
+                self._header_done = True
+            self.console.print(self._cells(record))
+
+    def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    def finish(self, history: list[dict[str, Any]], method: str) -> dict[str, Any]:
+        summary = build_summary(history, method, self.run_dir.name)
+        if not self.enabled:
+            return summary
+        _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        plot_accuracy(history, self.run_dir / "accuracy.png", f"{self.run_dir.name}: {method.rsplit('.', 1)[-1]}")
+        if self.fabric is not None:
+            for logger in self.fabric.loggers:
+                logger.finalize("success")
+        if self.progress and "final" in summary:
+            f, b = summary["final"], summary["best"]
+            self.note(
+                f"done: final local acc {f['local_acc_mean']:.2f} ± {f['local_acc_std']:.2f} "
+                f"(round {f['round']}), best {b['local_acc_mean']:.2f} (round {b['round']}), "
+                f"{f['wall_time_s']:.1f} s -> {self.run_dir / 'summary.json'}"
+            )
+        return summary

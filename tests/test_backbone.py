@@ -1,0 +1,107 @@
+"""The frozen backbone: prompted text tower, truncation, image tokens, weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora.clip import CLIPBackbone, PretrainedWeightsError
+
+NAMES = ["red circle", "blue star", "dark green five pointed star", "cyan"]
+
+
+@pytest.fixture(scope="module")
+def backbone() -> CLIPBackbone:
+    return CLIPBackbone("flora-tiny", None, init_seed=0)
+
+
+def _original_ctx(backbone: CLIPBackbone, n_ctx: int) -> torch.Tensor:
+    """The token embeddings of the "X X ... X" placeholders themselves."""
+    tokens = backbone.tokenize([" ".join(["X"] * n_ctx) + " thing."])
+    with torch.no_grad():
+        return backbone._token_embedding(tokens)[0, 1 : 1 + n_ctx].clone()
+
+
+@pytest.mark.parametrize("n_ctx", [1, 4, 8])
+def test_prompted_tower_equals_encode_text(backbone: CLIPBackbone, n_ctx: int) -> None:
+    prompts = backbone.build_class_prompts(NAMES, n_ctx)
+    texts = [" ".join(["X"] * n_ctx) + f" {n}." for n in NAMES]
+    with torch.no_grad():
+        expected = backbone.model.encode_text(backbone.tokenize(texts), normalize=True)
+        got = backbone.encode_prompted(_original_ctx(backbone, n_ctx), prompts)
+    assert got.shape == (len(NAMES), backbone.embed_dim)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_truncation_is_exact(backbone: CLIPBackbone) -> None:
+    prompts = backbone.build_class_prompts(NAMES, 4)
+    assert prompts.length < backbone.context_length  # it really truncates
+    ctx = torch.randn(4, backbone.token_width) * 0.02
+    # full-length reference: the same embeddings padded to the whole context
+    full_tokens = backbone.tokenize([" ".join(["X"] * 4) + f" {n}." for n in NAMES])
+    with torch.no_grad():
+        emb = backbone._token_embedding(full_tokens)
+        emb[:, 1:5] = ctx
+        full = backbone._run_text(emb, full_tokens.argmax(-1))
+        full = torch.nn.functional.normalize(full, dim=-1)
+        truncated = backbone.encode_prompted(ctx, prompts)
+    torch.testing.assert_close(truncated, full, atol=1e-5, rtol=0)
+
+
+def test_batched_variants_match_single_calls(backbone: CLIPBackbone) -> None:
+    prompts = backbone.build_class_prompts(NAMES, 4)
+    ctx = torch.randn(3, 4, backbone.token_width) * 0.02
+    with torch.no_grad():
+        batched = backbone.encode_prompted(ctx, prompts)
+        singles = torch.stack([backbone.encode_prompted(c, prompts) for c in ctx])
+    assert batched.shape == (3, len(NAMES), backbone.embed_dim)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=0)
+
+
+def test_anchor_features_equal_encode_text(backbone: CLIPBackbone) -> None:
+    z0 = backbone.anchor_features(NAMES, "a photo of a {}.")
+    with torch.no_grad():
+        ref = backbone.model.encode_text(backbone.tokenize([f"a photo of a {n}." for n in NAMES]), normalize=True)
+    torch.testing.assert_close(z0, ref, atol=1e-5, rtol=0)
+
+
+def test_patch_tokens_and_global_feature(backbone: CLIPBackbone) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    pooled, tokens = backbone.encode_image_tokens(images)
+    assert tokens.shape == (2, (32 // 4) ** 2, backbone.embed_dim)
+    torch.testing.assert_close(pooled, backbone.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_backbone_is_frozen_and_stays_in_eval(backbone: CLIPBackbone) -> None:
+    assert not any(p.requires_grad for p in backbone.parameters())
+    backbone.train()
+    assert not backbone.training and not backbone.model.training
+
+
+def test_random_init_is_seeded() -> None:
+    a = CLIPBackbone("flora-tiny", None, init_seed=3)
+    b = CLIPBackbone("flora-tiny", None, init_seed=3)
+    assert a.fingerprint() == b.fingerprint()
+    assert CLIPBackbone("flora-tiny", None, init_seed=4).fingerprint() != a.fingerprint()
+
+
+def test_local_checkpoint_file_loads(tmp_path, backbone: CLIPBackbone) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(backbone.model.state_dict(), path)
+    loaded = CLIPBackbone("flora-tiny", str(path))
+    assert loaded.fingerprint() == backbone.fingerprint()
+
+
+def test_missing_pretrained_fails_fast_with_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsError, match="pass its path"):
+        CLIPBackbone("ViT-B-32", "openai", cache_dir="/nonexistent-cache")
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        CLIPBackbone("flora-tiny", "/no/such/file.pt")
+    with pytest.raises(PretrainedWeightsError, match="no pretrained tag"):
+        CLIPBackbone("flora-tiny", "laion400m_e32")
+
+
+def test_too_long_prompt_is_a_clear_error(backbone: CLIPBackbone) -> None:
+    with pytest.raises(ValueError, match="context length"):
+        backbone.build_class_prompts(["a " * 20 + "thing"], 16)
