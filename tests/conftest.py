@@ -25,7 +25,9 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def tiny_config(tmp_path: Path, root: Path, method: str = "flora.methods.PromptFL", **trainer: object) -> Path:
+def tiny_config(
+    tmp_path: Path, root: Path, method: str = "flora.methods.PromptFL", **trainer: object
+) -> Path:
     """Write a small flora config for CLI tests and return its path."""
     import yaml
 
@@ -40,8 +42,15 @@ def tiny_config(tmp_path: Path, root: Path, method: str = "flora.methods.PromptF
             "partition": {"class_path": "flora.data.Dirichlet", "init_args": TINY_PARTITION},
             "batch_size": 8,
         },
-        "trainer": {"name": "t", "output_dir": str(tmp_path / "runs"), "rounds": 2, "progress": False, **trainer},
+        "trainer": {
+            "name": "t",
+            "output_dir": str(tmp_path / "runs"),
+            "rounds": 2,
+            "progress": False,
+            **trainer,
+        },
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

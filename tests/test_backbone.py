@@ -61,7 +61,9 @@ def test_batched_variants_match_single_calls(backbone: CLIPBackbone) -> None:
 def test_anchor_features_equal_encode_text(backbone: CLIPBackbone) -> None:
     z0 = backbone.anchor_features(NAMES, "a photo of a {}.")
     with torch.no_grad():
-        ref = backbone.model.encode_text(backbone.tokenize([f"a photo of a {n}." for n in NAMES]), normalize=True)
+        ref = backbone.model.encode_text(
+            backbone.tokenize([f"a photo of a {n}." for n in NAMES]), normalize=True
+        )
     torch.testing.assert_close(z0, ref, atol=1e-5, rtol=0)
 
 

@@ -42,8 +42,15 @@ def test_fit_writes_the_run_folder(tmp_path: Path, tiny_root: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     for part in ("final", "best"):
         assert set(summary[part]) >= {
-            "round", "local_acc_mean", "local_acc_std", "local_acc_worst10", "local_acc_pooled",
-            "local_f1_mean", "bytes_up_total", "bytes_down_total", "wall_time_s",
+            "round",
+            "local_acc_mean",
+            "local_acc_std",
+            "local_acc_worst10",
+            "local_acc_pooled",
+            "local_f1_mean",
+            "bytes_up_total",
+            "bytes_down_total",
+            "wall_time_s",
         }
     # 4 clients upload a 4 x 128 float32 prompt every round
     assert summary["final"]["bytes_up_total"] == 2 * 4 * 4 * 128 * 4
@@ -95,7 +102,8 @@ def test_error_corrupt_shard(tmp_path: Path, tiny_root: Path) -> None:
     shutil.copytree(tiny_root, root)
     shard = sorted((root / "train").glob("client-00001-*.tar"))[0]
     data = bytearray(shard.read_bytes())
-    data[600:700] = b"\x00" * 100
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
     shard.write_bytes(bytes(data))
     line = _one_error_line(_run("fit", "--config", str(tiny_config(tmp_path, root))))
     assert shard.name in line and "corrupt" in line
@@ -119,4 +127,3 @@ def test_error_checkpoint_from_other_method(tmp_path: Path, tiny_root: Path) -> 
     assert "flora.methods.promptfl.PromptFL" in line and "LocalCoOp" in line
     # the original run folder is untouched
     assert json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())["final"]["round"] == 1
-

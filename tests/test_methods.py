@@ -63,7 +63,9 @@ def test_fedavg_is_sample_weighted() -> None:
     out = m.aggregate(ups, cur)
     torch.testing.assert_close(out["prompt.ctx"], torch.full_like(cur["prompt.ctx"], (30 * 3.0 - 10) / 40))
     # order of uploads does not matter
-    torch.testing.assert_close(m.aggregate(list(reversed(ups)), cur)["prompt.ctx"], out["prompt.ctx"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        m.aggregate(list(reversed(ups)), cur)["prompt.ctx"], out["prompt.ctx"], atol=0, rtol=0
+    )
 
 
 def test_load_state_checks_names_and_shapes() -> None:
@@ -91,8 +93,12 @@ def test_plain_lightning_trainer(cls: type[FederatedPromptModule]) -> None:
     x, y = _batch(16)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     trainer = L.Trainer(
-        max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     with torch.no_grad():
         loss_before = torch.nn.functional.cross_entropy(m.eval()(x), y)

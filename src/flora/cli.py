@@ -64,7 +64,7 @@ class FloraCLI(LightningCLI):
         config.update(kwargs)
         trainer = FederatedTrainer(**config)
         if self.subcommand is not None:
-            trainer.config_text = self.parser.dump(self.config[self.subcommand], skip_none=False)
+            trainer.config_text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         return trainer
 
 
@@ -74,7 +74,9 @@ def _method_registry() -> dict[str, type]:
     return {
         name: obj
         for name, obj in vars(methods).items()
-        if isinstance(obj, type) and issubclass(obj, FederatedPromptModule) and obj is not FederatedPromptModule
+        if isinstance(obj, type)
+        and issubclass(obj, FederatedPromptModule)
+        and obj is not FederatedPromptModule
     }
 
 
@@ -133,8 +135,12 @@ def _check_method(argv: Sequence[str]) -> str | None:
 
 def prepare_main(argv: Sequence[str]) -> int:
     """``flora prepare --config cfg.yaml``: write the client shards and manifest of the ``data`` section."""
-    parser = ArgumentParser(prog="flora prepare", description="Write per-client webdataset shards and a manifest.")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a flora config (only `data` is used)")
+    parser = ArgumentParser(
+        prog="flora prepare", description="Write per-client webdataset shards and a manifest."
+    )
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="a flora config (only `data` is used)"
+    )
     parser.add_class_arguments(FederatedDataModule, "data")
     for ignored in ("model", "trainer"):
         parser.add_argument(f"--{ignored}", type=Any, default=None, help="ignored by prepare")
@@ -153,6 +159,7 @@ def prepare_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("FLORA_DEBUG", "") not in ("", "0")
     try:
@@ -163,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 print(f"flora: error: {problem}", file=sys.stderr)
                 return 2
-        FloraCLI(args=argv)
+        FloraCLI(args=None if from_sys else argv)
         return 0
     except _FRIENDLY_ERRORS as err:
         if debug:

@@ -42,7 +42,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def build_summary(history: list[dict[str, Any]], method: str, name: str) -> dict[str, Any]:
     """``final`` and ``best`` (by mean local accuracy) evaluated rounds, plus the last-5 mean/std."""
     evaluated = [r for r in history if "local_acc_mean" in r]
-    summary: dict[str, Any] = {"name": name, "method": method, "rounds": len([r for r in history if r["round"] > 0])}
+    summary: dict[str, Any] = {
+        "name": name,
+        "method": method,
+        "rounds": len([r for r in history if r["round"] > 0]),
+    }
     if not evaluated:
         return summary
     pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
@@ -87,7 +91,9 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None
 class RunReporter:
     """Prints progress and the per-round table (rank 0) and writes the run folder."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool = True, fabric: Any = None) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool = True, progress: bool = True, fabric: Any = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.progress = progress and enabled
@@ -99,7 +105,7 @@ class RunReporter:
 
     def note(self, text: str) -> None:
         if self.progress:
-            self.console.print(f"[bold]flora[/bold] {text}")
+            self.console.print(f"[bold]flora[/bold] {text}", soft_wrap=True)
 
     def start(self, trainer: Any, module: Any, dm: Any, config_text: str | None, resumed: bool) -> None:
         if not self.enabled:
@@ -162,7 +168,9 @@ class RunReporter:
         if not self.enabled:
             return summary
         _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        plot_accuracy(history, self.run_dir / "accuracy.png", f"{self.run_dir.name}: {method.rsplit('.', 1)[-1]}")
+        plot_accuracy(
+            history, self.run_dir / "accuracy.png", f"{self.run_dir.name}: {method.rsplit('.', 1)[-1]}"
+        )
         if self.fabric is not None:
             for logger in self.fabric.loggers:
                 logger.finalize("success")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -191,7 +192,9 @@ class CLIPBackbone(nn.Module):
         """``(global (B, d), patch (B, M, d))``, patch tokens after the final LayerNorm and projection."""
         visual = self.model.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
-            raise ValueError(f"patch features need a plain ViT image tower; {self.model_name} has {type(visual).__name__}")
+            raise ValueError(
+                f"patch features need a plain ViT image tower; {self.model_name} has {type(visual).__name__}"
+            )
         x = visual._embeds(images)
         x = visual.transformer(x)
         x = visual.ln_post(x)
@@ -254,7 +257,9 @@ class CLIPBackbone(nn.Module):
         if ctx.dim() == 3:
             ctx = ctx.unsqueeze(1).expand(-1, n_cls, -1, -1)
         if ctx.shape[1:3] != (n_cls, prompts.n_ctx):
-            raise ValueError(f"context of shape {tuple(ctx.shape)} does not match {n_cls} classes x {prompts.n_ctx} tokens")
+            raise ValueError(
+                f"context of shape {tuple(ctx.shape)} does not match {n_cls} classes x {prompts.n_ctx} tokens"
+            )
         n_var = ctx.shape[0]
         prefix = prompts.prefix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
         suffix = prompts.suffix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
@@ -281,16 +286,24 @@ class CLIPBackbone(nn.Module):
         return self.encode_text([template.format(n.replace("_", " ")) for n in class_names])
 
 
-def _create_model(model_name: str, pretrained: str | None, cache_dir: str | None, init_seed: int) -> nn.Module:
+def _create_model(
+    model_name: str, pretrained: str | None, cache_dir: str | None, init_seed: int
+) -> nn.Module:
     if model_name not in open_clip.list_models():
         raise ValueError(
             f"unknown open_clip model {model_name!r}; flora ships {list_flora_models()}, "
             "open_clip knows e.g. ViT-B-16, ViT-B-32, RN50"
         )
     if pretrained is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            return open_clip.create_model(model_name, pretrained=None)
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: that is the point
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                return open_clip.create_model(model_name, pretrained=None)
+        finally:
+            root_logger.setLevel(level)
     if pretrained == "shipped":
         path = _shipped_weights(model_name)
         if path is None:
@@ -300,7 +313,9 @@ def _create_model(model_name: str, pretrained: str | None, cache_dir: str | None
         pretrained = str(path)
     if os.path.isfile(pretrained):
         return open_clip.create_model(model_name, pretrained=pretrained)
-    if any(sep in pretrained for sep in ("/", os.sep)) or pretrained.endswith((".pt", ".bin", ".safetensors")):
+    if any(sep in pretrained for sep in ("/", os.sep)) or pretrained.endswith(
+        (".pt", ".bin", ".safetensors")
+    ):
         raise PretrainedWeightsError(f"pretrained checkpoint file not found: {pretrained}")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:

@@ -21,7 +21,9 @@ class ClientEval:
     f1: float  # macro-F1 over the classes present in targets or predictions, percent
 
 
-def evaluate_predictions(client_id: int, preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> ClientEval:
+def evaluate_predictions(
+    client_id: int, preds: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> ClientEval:
     if target.numel() == 0:
         raise ValueError(f"client {client_id} has no evaluation samples")
     acc = multiclass_accuracy(preds, target, num_classes=num_classes, average="micro")

@@ -113,7 +113,9 @@ class FederatedTrainer:
         checkpoint_every: int = 1,
     ) -> None:
         if rounds < 0 or local_epochs < 1 or eval_every < 1 or checkpoint_every < 1:
-            raise ValueError("rounds >= 0, local_epochs >= 1, eval_every >= 1 and checkpoint_every >= 1 are required")
+            raise ValueError(
+                "rounds >= 0, local_epochs >= 1, eval_every >= 1 and checkpoint_every >= 1 are required"
+            )
         if str(precision) not in _SUPPORTED_PRECISION:
             raise ValueError(f"precision must be one of {_SUPPORTED_PRECISION}, got {precision!r}")
         if optimizer_state not in ("persist", "reset"):
@@ -176,7 +178,9 @@ class FederatedTrainer:
         if "wandb" in self.loggers:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(project=self.wandb_project, name=self.name, save_dir=str(self.run_dir)))
+            loggers.append(
+                WandbLogger(project=self.wandb_project, name=self.name, save_dir=str(self.run_dir))
+            )
         return Fabric(
             accelerator=self.accelerator,
             devices=devices,
@@ -216,7 +220,9 @@ class FederatedTrainer:
 
     def _launch(self, fn: Callable[..., Any], model: Any, datamodule: Any, *args: Any) -> Any:
         if not isinstance(model, FederatedPromptModule):
-            raise TypeError(f"the model must be a flora method (FederatedPromptModule), got {type(model).__name__}")
+            raise TypeError(
+                f"the model must be a flora method (FederatedPromptModule), got {type(model).__name__}"
+            )
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError("a FederatedDataModule is required (data: section of the config)")
         self._resolve_ckpt(args[0] if args else None)
@@ -301,7 +307,9 @@ class FederatedTrainer:
             raise CheckpointError(f"{path} is not a flora federated checkpoint (format {CHECKPOINT_FORMAT})")
         method = _method_path(self.module)
         if ckpt["method"] != method:
-            raise CheckpointError(f"checkpoint {path} was written by {ckpt['method']}, but the model is {method}")
+            raise CheckpointError(
+                f"checkpoint {path} was written by {ckpt['method']}, but the model is {method}"
+            )
         if ckpt["class_names"] != self.module.class_names or ckpt["num_clients"] != self.dm.num_clients:
             raise CheckpointError(
                 f"checkpoint {path} belongs to another task ({ckpt['num_clients']} clients, "
@@ -437,7 +445,8 @@ class FederatedTrainer:
         record: dict[str, Any] = {
             "round": round_idx + 1,
             "clients": sampled,
-            "train_loss": sum(r.loss * r.num_samples for r in results) / max(1, sum(r.num_samples for r in results)),
+            "train_loss": sum(r.loss * r.num_samples for r in results)
+            / max(1, sum(r.num_samples for r in results)),
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "time_train_s": t_train,
@@ -459,9 +468,13 @@ class FederatedTrainer:
         record.update(self.totals)
         self.history.append(record)
 
-    def _fit(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None):
+    def _fit(
+        self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None
+    ):
         self._setup(fabric, module, dm)
-        reporter = RunReporter(self.run_dir, enabled=fabric.is_global_zero, progress=self.progress, fabric=fabric)
+        reporter = RunReporter(
+            self.run_dir, enabled=fabric.is_global_zero, progress=self.progress, fabric=fabric
+        )
         ckpt = self._resolve_ckpt(ckpt_path)
         if ckpt is not None:
             self._load_checkpoint(ckpt)
@@ -504,7 +517,12 @@ class FederatedTrainer:
         return summary
 
     def _evaluate_only(
-        self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None, kind: str
+        self,
+        fabric: Fabric,
+        module: FederatedPromptModule,
+        dm: FederatedDataModule,
+        ckpt_path: str | None,
+        kind: str,
     ) -> dict[str, Any]:
         self._setup(fabric, module, dm)
         ckpt = self._resolve_ckpt(ckpt_path)
@@ -529,4 +547,3 @@ class FederatedTrainer:
                     f"macro-F1 {metrics['local_f1_mean']:.2f}) -> {self.run_dir / (kind + '.json')}"
                 )
         return result
-

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from flora.clip import CLIPBackbone, ClassPrompts
+from flora.clip import ClassPrompts, CLIPBackbone
 
 StateDict = dict[str, Tensor]
 
@@ -125,7 +125,9 @@ class FederatedPromptModule(L.LightningModule):
             is_global = any(name == p or name.startswith(p + ".") for p in self.global_params)
             is_local = any(name == p or name.startswith(p + ".") for p in self.local_params)
             if is_global and is_local:
-                raise TypeError(f"{type(self).__name__}: parameter {name!r} is declared both global and local")
+                raise TypeError(
+                    f"{type(self).__name__}: parameter {name!r} is declared both global and local"
+                )
             if is_global:
                 roles[name] = Role.GLOBAL
             elif is_local:
@@ -165,7 +167,9 @@ class FederatedPromptModule(L.LightningModule):
         missing = sorted(set(params) - set(state))
         extra = sorted(set(state) - set(params))
         if missing or extra:
-            raise KeyError(f"{type(self).__name__} {role.value} state mismatch: missing {missing}, unexpected {extra}")
+            raise KeyError(
+                f"{type(self).__name__} {role.value} state mismatch: missing {missing}, unexpected {extra}"
+            )
         for name, value in state.items():
             if params[name].shape != value.shape:
                 raise ValueError(

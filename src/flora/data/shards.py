@@ -1,0 +1,211 @@
+"""Per-client webdataset shards and the manifest that describes them.
+
+Layout under ``root``::
+
+    manifest.json
+    train/client-00000-000000.tar   # samples: __key__, png (encoded image), cls (label)
+    test/client-00000-000000.tar
+
+Shards are written with a fixed mtime, so preparing twice gives byte-identical files
+and manifests. Everything is written into a temporary folder first and moved into
+place at the end; the manifest is the last file written, so a crash never leaves a
+manifest that points at missing or half-written shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from flora.data.errors import FloraDataError
+from flora.data.partition import Partitioner
+from flora.data.synthetic import SourceDataset
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_federated_shards(
+    source: SourceDataset,
+    partitioner: Partitioner,
+    root: str | os.PathLike,
+    maxcount: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Partition ``source`` and write every client's shards plus ``manifest.json`` under ``root``."""
+    root = Path(root)
+    labels = {s: np.asarray(source.labels(s), dtype=np.int64) for s in SPLITS}
+    domains = {s: source.domains(s) for s in SPLITS}
+    part = partitioner.partition(labels["train"], labels["test"], source.num_classes, domains["train"], domains["test"])
+    for cid, idx in enumerate(part.train):
+        if len(idx) == 0:
+            raise FloraDataError(f"client {cid} received no training data from {type(partitioner).__name__}")
+    train_counts = part.counts("train", labels["train"])
+    test_counts = part.counts("test", labels["test"])
+
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for s in SPLITS:
+        (tmp / s).mkdir(parents=True)
+    clients = []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"writing shards to {root}", total=part.num_clients)
+        for cid in range(part.num_clients):
+            entry: dict[str, Any] = {
+                "id": cid,
+                "num_train": int(len(part.train[cid])),
+                "num_test": int(len(part.test[cid])),
+                "train_counts": train_counts[cid].tolist(),
+                "test_counts": test_counts[cid].tolist(),
+                "shards": {},
+            }
+            if domains["train"] is not None:
+                entry["domains"] = sorted(set(np.asarray(domains["train"])[part.train[cid]].tolist()))
+            for s, idx in (("train", part.train[cid]), ("test", part.test[cid])):
+                entry["shards"][s] = _write_client_split(source, s, idx, labels[s], tmp, cid, maxcount)
+            clients.append(entry)
+            bar.advance(task)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": _jsonable(source.describe()),
+        "class_names": list(source.class_names),
+        "partition": _jsonable(partitioner.describe()),
+        "seed": partitioner.seed,
+        "num_clients": part.num_clients,
+        "num_classes": source.num_classes,
+        "clients": clients,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        if (root / s).exists():
+            shutil.rmtree(root / s)
+        os.replace(tmp / s, root / s)
+    manifest_tmp = root / f"manifest.json.tmp{os.getpid()}"
+    manifest_tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(manifest_tmp, root / "manifest.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_client_split(
+    source: SourceDataset, split: str, idx: np.ndarray, labels: np.ndarray, tmp: Path, cid: int, maxcount: int
+) -> list[dict[str, Any]]:
+    shards = []
+    n_shards = max(1, -(-len(idx) // maxcount))
+    for shard in range(n_shards):
+        chunk = idx[shard * maxcount : (shard + 1) * maxcount]
+        rel = f"{split}/client-{cid:05d}-{shard:06d}.tar"
+        path = tmp / rel
+        with wds.TarWriter(str(path), mtime=0.0) as sink:
+            for i in chunk.tolist():
+                sink.write(
+                    {
+                        "__key__": f"{split}-{i:08d}",
+                        "png": _encode_png(source.image(split, i)),
+                        "cls": str(int(labels[i])).encode(),
+                    }
+                )
+        shards.append({"file": rel, "sha256": _sha256(path), "count": int(len(chunk))})
+    return shards
+
+
+def _every_shard(urls: Any) -> Any:
+    yield from urls
+
+
+def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Read ``root/manifest.json``; a missing or unreadable manifest is a :class:`FloraDataError`."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FloraDataError(
+            f"manifest not found: {path}; run `flora prepare --config ...` "
+            "(or give data.dataset and data.partition with data.prepare: true)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FloraDataError(f"manifest {path} is not valid JSON ({err}); re-run `flora prepare`") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FloraDataError(
+            f"manifest {path} has format_version {manifest.get('format_version')!r}, "
+            f"this flora reads {FORMAT_VERSION}; re-run `flora prepare`"
+        )
+    return manifest
+
+
+def manifest_matches(manifest: dict[str, Any], source: SourceDataset, partitioner: Partitioner) -> bool:
+    """Whether ``manifest`` was prepared from exactly this dataset and partition."""
+    return manifest.get("dataset") == _jsonable(source.describe()) and manifest.get("partition") == _jsonable(
+        partitioner.describe()
+    )
+
+
+def read_client_samples(
+    root: str | os.PathLike, manifest: dict[str, Any], client_id: int, split: str, verify: bool = True
+) -> tuple[list[Image.Image], np.ndarray]:
+    """Decoded images and labels of one client's split, from its (checksum-verified) shards."""
+    root = Path(root)
+    clients = manifest["clients"]
+    if not 0 <= client_id < len(clients):
+        raise FloraDataError(f"unknown client {client_id}: {root} has clients 0..{len(clients) - 1}")
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    for shard in clients[client_id]["shards"][split]:
+        path = root / shard["file"]
+        if not path.is_file():
+            raise FloraDataError(f"shard {path} is missing; re-run `flora prepare`")
+        if verify:
+            digest = _sha256(path)
+            if digest != shard["sha256"]:
+                raise FloraDataError(
+                    f"shard {path} is corrupt: sha256 mismatch (expected {shard['sha256'][:12]}.., "
+                    f"got {digest[:12]}..); re-run `flora prepare`"
+                )
+        n_before = len(labels)
+        try:
+            # each process reads whole clients, so no node/worker splitting of a client's shards
+            ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=_every_shard)
+            for sample in ds:
+                img = Image.open(io.BytesIO(sample["png"]))
+                img.load()
+                images.append(img.convert("RGB"))
+                labels.append(int(sample["cls"]))
+        except (tarfile.TarError, OSError, KeyError, ValueError) as err:
+            raise FloraDataError(f"shard {path} is corrupt: {type(err).__name__}: {err}") from err
+        if len(labels) - n_before != shard["count"]:
+            raise FloraDataError(
+                f"shard {path} is corrupt: {len(labels) - n_before} samples, manifest says {shard['count']}"
+            )
+    return images, np.asarray(labels, dtype=np.int64)
