@@ -64,7 +64,9 @@ class FloraCLI(LightningCLI):
         config.update(kwargs)
         trainer = FederatedTrainer(**config)
         if self.subcommand is not None:
-            trainer.config_text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+            trainer.config_text = self._parser(self.subcommand).dump(
+                self.config[self.subcommand], skip_none=False
+            )
         return trainer
 
 

@@ -3,7 +3,16 @@
 from flora.data.datamodule import FederatedDataModule
 from flora.data.errors import FloraDataError
 from flora.data.features import FeatureCache
-from flora.data.partition import IID, Dirichlet, Domains, FewShot, Partition, Partitioner, Pathological, base_novel_split
+from flora.data.partition import (
+    IID,
+    Dirichlet,
+    Domains,
+    FewShot,
+    Partition,
+    Partitioner,
+    Pathological,
+    base_novel_split,
+)
 from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
 from flora.data.synthetic import SourceDataset, SyntheticShapes
 

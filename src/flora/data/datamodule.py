@@ -10,14 +10,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from flora.data.partition import Partitioner
-from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms as T
 
 from flora.data.errors import FloraDataError
 from flora.data.features import FeatureCache
+from flora.data.partition import Partitioner
+from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
 from flora.data.synthetic import SourceDataset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -94,7 +94,10 @@ class Partitioner:
         train_labels = np.asarray(train_labels, dtype=np.int64)
         test_labels = np.asarray(test_labels, dtype=np.int64)
         rng = np.random.default_rng(self.seed)
-        train = [np.sort(np.asarray(t, dtype=np.int64)) for t in self.assign_train(train_labels, num_classes, train_domains, rng)]
+        train = [
+            np.sort(np.asarray(t, dtype=np.int64))
+            for t in self.assign_train(train_labels, num_classes, train_domains, rng)
+        ]
         part = Partition(train=train, test=[], num_classes=num_classes)
         if self.test == "all":
             part.test = [np.arange(len(test_labels), dtype=np.int64) for _ in train]
@@ -124,7 +127,9 @@ class Partitioner:
             for k in range(part.num_classes):
                 if g is None:
                     test_idx = np.flatnonzero(test_labels == k)
-                    weights = np.array([(train_labels[idx] == k).sum() for idx in part.train], dtype=np.float64)
+                    weights = np.array(
+                        [(train_labels[idx] == k).sum() for idx in part.train], dtype=np.float64
+                    )
                 else:
                     test_idx = np.flatnonzero((test_labels == k) & (test_domains == g))
                     weights = np.array(
@@ -252,7 +257,9 @@ class Pathological(Partitioner):
                 idx = np.flatnonzero(labels == k)
                 if self.num_shots is not None:
                     if len(idx) < self.num_shots:
-                        raise FloraDataError(f"class {k} has {len(idx)} training samples, fewer than num_shots={self.num_shots}")
+                        raise FloraDataError(
+                            f"class {k} has {len(idx)} training samples, fewer than num_shots={self.num_shots}"
+                        )
                     idx = rng.choice(idx, size=self.num_shots, replace=False)
                 chunks.append(idx)
             out.append(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64))
@@ -262,7 +269,9 @@ class Pathological(Partitioner):
 class FewShot(Partitioner):
     """Every client gets ``num_shots`` random training images of every class, disjoint across clients."""
 
-    def __init__(self, num_clients: int = 10, num_shots: int = 16, seed: int = 0, test: str = "matched") -> None:
+    def __init__(
+        self, num_clients: int = 10, num_shots: int = 16, seed: int = 0, test: str = "matched"
+    ) -> None:
         super().__init__(num_clients, seed, test)
         self.num_shots = num_shots
 

@@ -64,7 +64,9 @@ def write_federated_shards(
     root = Path(root)
     labels = {s: np.asarray(source.labels(s), dtype=np.int64) for s in SPLITS}
     domains = {s: source.domains(s) for s in SPLITS}
-    part = partitioner.partition(labels["train"], labels["test"], source.num_classes, domains["train"], domains["test"])
+    part = partitioner.partition(
+        labels["train"], labels["test"], source.num_classes, domains["train"], domains["test"]
+    )
     for cid, idx in enumerate(part.train):
         if len(idx) == 0:
             raise FloraDataError(f"client {cid} received no training data from {type(partitioner).__name__}")

@@ -12,7 +12,7 @@ import math
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -109,7 +109,7 @@ def _place(points: np.ndarray, cx: float, cy: float, r: float, angle: float) -> 
     return list(zip(xs.tolist(), ys.tolist()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _regular(n: int, phase: float = -math.pi / 2, inner: float | None = None) -> np.ndarray:
     """Unit regular polygon (or star when `inner` is set) with a vertex at `phase`."""
     if inner is None:
@@ -120,11 +120,14 @@ def _regular(n: int, phase: float = -math.pi / 2, inner: float | None = None) ->
     return np.stack([rad * np.cos(t), rad * np.sin(t)], axis=1)
 
 
-_CROSS = np.array(
-    [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1)]
-    + [(-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
-    dtype=np.float64,
-) * 0.95
+_CROSS = (
+    np.array(
+        [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1)]
+        + [(-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+        dtype=np.float64,
+    )
+    * 0.95
+)
 _DIAMOND = np.array([(0, -1), (0.62, 0), (0, 1), (-0.62, 0)], dtype=np.float64)
 _ARROW = np.array(
     [(-1, -0.22), (0.1, -0.22), (0.1, -0.62), (1, 0), (0.1, 0.62), (0.1, 0.22), (-1, 0.22)],
@@ -485,5 +488,7 @@ class SyntheticShapes(SourceDataset):
         return Image.fromarray(pixels, "RGB")
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k not in ("class", "render_version"))
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in self.describe().items() if k not in ("class", "render_version")
+        )
         return f"SyntheticShapes({args})"

@@ -1,0 +1,114 @@
+"""Per-client webdataset shards: round trip, determinism, and clear errors for damaged files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flora.data import (
+    IID,
+    FederatedDataModule,
+    FloraDataError,
+    SyntheticShapes,
+    load_manifest,
+    read_client_samples,
+    write_federated_shards,
+)
+
+SOURCE = dict(num_colors=3, num_shapes=3, train_per_class=6, test_per_class=3, image_size=16, seed=0)
+
+
+def _write(root: Path, maxcount: int = 1000) -> dict:
+    return write_federated_shards(
+        SyntheticShapes(**SOURCE), IID(num_clients=3), root, maxcount=maxcount, progress=False
+    )
+
+
+def test_round_trip_is_pixel_exact(tmp_path: Path) -> None:
+    manifest = _write(tmp_path / "a")
+    source = SyntheticShapes(**SOURCE)
+    assert manifest["class_names"] == source.class_names
+    total = 0
+    for cid in range(3):
+        images, labels = read_client_samples(tmp_path / "a", manifest, cid, "train")
+        assert len(images) == manifest["clients"][cid]["num_train"]
+        assert np.bincount(labels, minlength=9).tolist() == manifest["clients"][cid]["train_counts"]
+        total += len(images)
+    assert total == source.size("train")
+    # the first client's first image is exactly the source image it came from
+    images, labels = read_client_samples(tmp_path / "a", manifest, 0, "test")
+    src_labels = source.labels("test")
+    idx = IID(num_clients=3).partition(source.labels("train"), src_labels, 9).test[0]
+    assert labels.tolist() == src_labels[idx].tolist()
+    assert np.array_equal(np.asarray(images[0]), np.asarray(source.image("test", int(idx[0]))))
+
+
+def test_preparing_twice_is_byte_identical(tmp_path: Path) -> None:
+    a, b = _write(tmp_path / "a"), _write(tmp_path / "b")
+    assert a == b
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_small_maxcount_gives_several_shards(tmp_path: Path) -> None:
+    manifest = _write(tmp_path / "a", maxcount=5)
+    shards = manifest["clients"][0]["shards"]["train"]
+    assert len(shards) == -(-manifest["clients"][0]["num_train"] // 5) > 1
+    _, labels = read_client_samples(tmp_path / "a", manifest, 0, "train")
+    assert len(labels) == manifest["clients"][0]["num_train"]
+
+
+def test_corrupt_and_truncated_shards_are_named(tmp_path: Path) -> None:
+    manifest = _write(tmp_path / "a")
+    shard = tmp_path / "a" / manifest["clients"][1]["shards"]["train"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 32] = bytes(x ^ 0xFF for x in data[mid : mid + 32])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FloraDataError, match=r"client-00001-000000\.tar is corrupt: sha256"):
+        read_client_samples(tmp_path / "a", manifest, 1, "train")
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(FloraDataError, match=r"client-00001-000000\.tar is corrupt"):
+        read_client_samples(tmp_path / "a", manifest, 1, "train", verify=False)
+    (shard).unlink()
+    with pytest.raises(FloraDataError, match="missing"):
+        read_client_samples(tmp_path / "a", manifest, 1, "train")
+
+
+def test_missing_and_broken_manifest(tmp_path: Path) -> None:
+    with pytest.raises(FloraDataError, match="manifest not found"):
+        load_manifest(tmp_path / "nothing")
+    _write(tmp_path / "a")
+    (tmp_path / "a" / "manifest.json").write_text("{not json")
+    with pytest.raises(FloraDataError, match="not valid JSON"):
+        load_manifest(tmp_path / "a")
+
+
+def test_datamodule_prepares_and_refuses_other_parameters(tmp_path: Path) -> None:
+    dm = FederatedDataModule(str(tmp_path / "d"), SyntheticShapes(**SOURCE), IID(num_clients=3))
+    dm.prepare_data()
+    dm.setup()
+    assert dm.num_clients == 3 and dm.class_names[0] == "red circle"
+    x, y = next(iter(dm.client_loader(0, "train", train=True)))
+    assert x.shape[1:] == (3, 16, 16) and y.dtype.is_floating_point is False
+    other = FederatedDataModule(str(tmp_path / "d"), SyntheticShapes(**SOURCE), IID(num_clients=4))
+    with pytest.raises(FloraDataError, match="other dataset/partition parameters"):
+        other.prepare_data()
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["num_clients"] == 3  # nothing was overwritten
+
+
+def test_client_with_no_data_is_an_error(tmp_path: Path) -> None:
+    from flora.data import Pathological
+
+    class Empty(Pathological):
+        def assign_train(self, labels, num_classes, domains, rng):  # type: ignore[no-untyped-def]
+            parts = super().assign_train(labels, num_classes, domains, rng)
+            parts[1] = parts[1][:0]
+            return parts
+
+    with pytest.raises(FloraDataError, match="client 1 received no training data"):
+        write_federated_shards(SyntheticShapes(**SOURCE), Empty(3, 3), tmp_path / "e", progress=False)
+    assert not (tmp_path / "e" / "manifest.json").exists()

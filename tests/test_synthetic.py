@@ -1,0 +1,42 @@
+"""The procedural captioned-shapes world."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flora.data import SyntheticShapes
+
+
+def test_class_names_in_label_order() -> None:
+    ds = SyntheticShapes(num_colors=2, num_shapes=3)
+    assert ds.class_names[:4] == ["red circle", "red square", "red triangle", "green circle"]
+    assert ds.num_classes == 6 and len(set(ds.class_names)) == 6
+
+
+def test_images_are_pure_functions_of_seed_split_style_index() -> None:
+    a = SyntheticShapes(num_colors=3, num_shapes=3, styles=["photo", "sketch"], seed=1)
+    b = SyntheticShapes(num_colors=3, num_shapes=3, styles=["photo", "sketch"], seed=1)
+    c = SyntheticShapes(num_colors=3, num_shapes=3, styles=["photo", "sketch"], seed=2)
+    for i in (0, 5, a.size("train") - 1):
+        assert np.array_equal(np.asarray(a.image("train", i)), np.asarray(b.image("train", i)))
+    assert not np.array_equal(np.asarray(a.image("train", 0)), np.asarray(c.image("train", 0)))
+    assert not np.array_equal(np.asarray(a.image("train", 0)), np.asarray(a.image("test", 0)))
+    img = a.image("test", 3)
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_labels_domains_and_sizes() -> None:
+    ds = SyntheticShapes(
+        num_colors=2, num_shapes=2, train_per_class=5, test_per_class=2, styles=["photo", "dark"]
+    )
+    assert ds.size("train") == 2 * 4 * 5 and ds.size("test") == 2 * 4 * 2
+    assert np.bincount(ds.labels("train")).tolist() == [10, 10, 10, 10]
+    assert np.bincount(ds.domains("test")).tolist() == [8, 8]
+
+
+def test_bad_arguments_are_clear() -> None:
+    with pytest.raises(ValueError, match="valid styles"):
+        SyntheticShapes(styles=["oil painting"])
+    with pytest.raises(ValueError, match="num_colors"):
+        SyntheticShapes(num_colors=1000)
