@@ -8,7 +8,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-all lint bench clean
+.PHONY: install run test test-all lint clean
 
 install: $(STAMP)
 

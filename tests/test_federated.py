@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,3 +198,26 @@ def test_disk_store_run_matches_memory(tmp_path: Path, tiny_root: Path) -> None:
     disk = disk_trainer.fit(LocalCoOp(n_ctx=4, lr=0.01), _dm(tiny_root))
     assert _metrics(disk) == pytest.approx(_metrics(mem), abs=1e-6)
     assert len(list((tmp_path / "d" / "runs" / "t" / "client_states").glob("*.safetensors"))) == 4
+
+
+def test_wandb_logger_offline(tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = _trainer(tmp_path, rounds=1, loggers=["csv", "wandb"])
+    trainer.fit(PromptFL(n_ctx=4), _dm(tiny_root))
+    runs = list((tmp_path / "runs" / "t" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_disk_feature_cache_is_reused(tmp_path: Path, tiny_root: Path) -> None:
+    root = tmp_path / "fed"
+    shutil.copytree(tiny_root, root)
+    first = _dm(root, feature_cache="disk")
+    a = _trainer(tmp_path / "a", rounds=1).fit(PromptFL(n_ctx=4), first)
+    files = sorted((root / "features").glob("*.safetensors"))
+    assert len(files) == 8  # 4 clients x (train, test)
+    assert first.cache.misses == 8
+    second = _dm(root, feature_cache="disk")
+    b = _trainer(tmp_path / "b", rounds=1).fit(PromptFL(n_ctx=4), second)
+    assert second.cache.misses == 0 and second.cache.hits >= 8
+    assert a["final"]["local_acc_mean"] == b["final"]["local_acc_mean"]
