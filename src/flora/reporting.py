@@ -16,6 +16,11 @@ SUMMARY_KEYS = (
     "local_acc_worst10",
     "local_acc_pooled",
     "local_f1_mean",
+    "global_acc",
+    "base_acc_mean",
+    "novel_acc_mean",
+    "novel_global_acc_mean",
+    "hm",
     "bytes_up_total",
     "bytes_down_total",
     "wall_time_s",
@@ -28,6 +33,9 @@ _COLUMNS = (
     ("local_acc_mean", "local acc", "{:>9.2f}"),
     ("local_acc_worst10", "worst10%", "{:>8.2f}"),
     ("local_f1_mean", "macro-F1", "{:>8.2f}"),
+    ("base_acc_mean", "base", "{:>6.2f}"),
+    ("novel_acc_mean", "novel", "{:>6.2f}"),
+    ("hm", "HM", "{:>6.2f}"),
     ("bytes_up", "up KiB", "{:>8.1f}"),
     ("time_round_s", "time s", "{:>7.2f}"),
 )
@@ -40,7 +48,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build_summary(history: list[dict[str, Any]], method: str, name: str) -> dict[str, Any]:
-    """``final`` and ``best`` (by mean local accuracy) evaluated rounds, plus the last-5 mean/std."""
+    """``final`` and ``best`` evaluated rounds, plus the last-5 mean/std.
+
+    ``best`` is the round with the highest HM under the base/novel protocol, otherwise
+    the highest mean local accuracy.
+    """
     evaluated = [r for r in history if "local_acc_mean" in r]
     summary: dict[str, Any] = {
         "name": name,
@@ -51,7 +63,8 @@ def build_summary(history: list[dict[str, Any]], method: str, name: str) -> dict
         return summary
     pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
     summary["final"] = pick(evaluated[-1])
-    summary["best"] = pick(max(evaluated, key=lambda r: r["local_acc_mean"]))
+    key = "hm" if "hm" in evaluated[-1] else "local_acc_mean"
+    summary["best"] = pick(max(evaluated, key=lambda r: r[key]))
     last = [r["local_acc_mean"] for r in evaluated[-5:]]
     mean = sum(last) / len(last)
     summary["last5"] = {
@@ -102,12 +115,14 @@ class RunReporter:
         self._header_done = False
         self._round_clients = 0
         self._done = 0
+        self.base_novel = False
 
     def note(self, text: str) -> None:
         if self.progress:
             self.console.print(f"[bold]flora[/bold] {text}", soft_wrap=True)
 
     def start(self, trainer: Any, module: Any, dm: Any, config_text: str | None, resumed: bool) -> None:
+        self.base_novel = dm.has_novel
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,9 +149,13 @@ class RunReporter:
         if self.progress and self.console.is_terminal:
             self.console.print(f"  client {client_id} done ({self._done} on this device)", end="\r")
 
+    def _columns(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        optional = {"base_acc_mean", "novel_acc_mean", "hm"}
+        return [c for c in _COLUMNS if c[0] not in optional or self.base_novel]
+
     def _cells(self, record: dict[str, Any]) -> str:
         cells = []
-        for key, title, fmt in _COLUMNS:
+        for key, title, fmt in self._columns(record):
             width = max(len(title), 5)
             value = record.get(key)
             if key == "clients":
@@ -156,9 +175,12 @@ class RunReporter:
             self.fabric.log_dict(numeric, step=record["round"])
         if self.progress:
             if not self._header_done:
-                self.console.print(" ".join(f"{title:>{max(len(title), 5)}}" for _, title, _ in _COLUMNS))
+                cols = self._columns(record)
+                self.console.print(
+                    " ".join(f"{title:>{max(len(title), 5)}}" for _, title, _ in cols), soft_wrap=True
+                )
                 self._header_done = True
-            self.console.print(self._cells(record))
+            self.console.print(self._cells(record), soft_wrap=True)
 
     def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

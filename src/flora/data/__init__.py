@@ -13,10 +13,21 @@ from flora.data.partition import (
     Pathological,
     base_novel_split,
 )
-from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
+from flora.data.real import CIFAR, CoOpDataset, DomainNet, OfficeCaltech10
+from flora.data.shards import (
+    load_manifest,
+    manifest_matches,
+    read_client_samples,
+    read_global_samples,
+    write_federated_shards,
+)
 from flora.data.synthetic import SourceDataset, SyntheticShapes
 
 __all__ = [
+    "CIFAR",
+    "CoOpDataset",
+    "DomainNet",
+    "OfficeCaltech10",
     "IID",
     "Dirichlet",
     "Domains",
@@ -33,5 +44,6 @@ __all__ = [
     "load_manifest",
     "manifest_matches",
     "read_client_samples",
+    "read_global_samples",
     "write_federated_shards",
 ]

@@ -17,7 +17,13 @@ from torchvision import transforms as T
 from flora.data.errors import FloraDataError
 from flora.data.features import FeatureCache
 from flora.data.partition import Partitioner
-from flora.data.shards import load_manifest, manifest_matches, read_client_samples, write_federated_shards
+from flora.data.shards import (
+    load_manifest,
+    manifest_matches,
+    read_client_samples,
+    read_global_samples,
+    write_federated_shards,
+)
 from flora.data.synthetic import SourceDataset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -51,6 +57,9 @@ class FederatedDataModule(L.LightningDataModule):
         augment: random-resized-crop + flip for training images (disables the feature cache).
         feature_cache: ``memory``, ``disk`` (under ``root/features``) or ``off``.
         verify_shards: check every shard's sha256 against the manifest when reading it.
+        base_novel: the base-to-novel protocol: clients train on the base classes (the
+            first half of the labels) only; every client is also evaluated on the whole
+            base-class test set and on the novel-class test set.
         client_id: the client served by ``train_dataloader`` / ``val_dataloader`` /
             ``test_dataloader`` when the module is used with a plain ``lightning.Trainer``.
     """
@@ -67,6 +76,7 @@ class FederatedDataModule(L.LightningDataModule):
         augment: bool = False,
         feature_cache: str = "memory",
         verify_shards: bool = True,
+        base_novel: bool = False,
         client_id: int = 0,
     ) -> None:
         super().__init__()
@@ -79,6 +89,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.augment = augment
         self.verify_shards = verify_shards
+        self.base_novel = base_novel
         self.client_id = client_id
         self.cache = FeatureCache(feature_cache, self.root / "features")
         self.manifest: dict[str, Any] | None = None
@@ -95,7 +106,7 @@ class FederatedDataModule(L.LightningDataModule):
         if self.manifest_path.exists():
             if self.dataset is not None and self.partition is not None:
                 manifest = load_manifest(self.root)
-                if not manifest_matches(manifest, self.dataset, self.partition):
+                if not manifest_matches(manifest, self.dataset, self.partition, self.base_novel):
                     raise FloraDataError(
                         f"shards under {self.root} were prepared with other dataset/partition parameters; "
                         "choose another data.root or delete that folder"
@@ -106,11 +117,17 @@ class FederatedDataModule(L.LightningDataModule):
                 f"manifest not found: {self.manifest_path}; run `flora prepare --config ...` "
                 "(or give data.dataset and data.partition with data.prepare: true)"
             )
-        write_federated_shards(self.dataset, self.partition, self.root)
+        write_federated_shards(self.dataset, self.partition, self.root, base_novel=self.base_novel)
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is None:
-            self.manifest = load_manifest(self.root)
+            manifest = load_manifest(self.root)
+            if bool(manifest.get("base_novel", False)) != self.base_novel:
+                raise FloraDataError(
+                    f"shards under {self.root} were prepared with base_novel={manifest.get('base_novel', False)}, "
+                    f"but data.base_novel is {self.base_novel}"
+                )
+            self.manifest = manifest
 
     def _require_manifest(self) -> dict[str, Any]:
         if self.manifest is None:
@@ -120,7 +137,18 @@ class FederatedDataModule(L.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return list(self._require_manifest()["class_names"])
+        """Classes of the training task in label order (the base classes under ``base_novel``)."""
+        manifest = self._require_manifest()
+        return list(manifest["base_classes"] if manifest.get("base_novel") else manifest["class_names"])
+
+    @property
+    def novel_class_names(self) -> list[str]:
+        """Novel classes (never trained on) under ``base_novel``; empty otherwise."""
+        return list(self._require_manifest().get("novel_classes", []))
+
+    @property
+    def has_novel(self) -> bool:
+        return bool(self.novel_class_names)
 
     @property
     def num_classes(self) -> int:
@@ -139,8 +167,12 @@ class FederatedDataModule(L.LightningDataModule):
     def num_samples(self, client_id: int, split: str = "train") -> int:
         return int(self._client(client_id)[f"num_{split}"])
 
-    def shard_digest(self, client_id: int, split: str) -> str:
-        return ",".join(s["sha256"] for s in self._client(client_id)["shards"][split])
+    def shard_digest(self, client_id: int | str, split: str) -> str:
+        if isinstance(client_id, str):
+            shards = self._require_manifest().get("global", {}).get(client_id, [])
+        else:
+            shards = self._client(client_id)["shards"][split]
+        return ",".join(s["sha256"] for s in shards)
 
     # ------------------------------------------------------------- transforms
     def set_transform(self, transform: Callable[[Any], Tensor], image_size: int | None = None) -> None:
@@ -172,15 +204,25 @@ class FederatedDataModule(L.LightningDataModule):
             raise FloraDataError(f"client {client_id} has no training data in {self.root}")
         return images, np.asarray(labels)
 
-    def image_dataset(self, client_id: int, split: str, train: bool = False) -> Dataset:
-        images, labels = self.read_split(client_id, split)
+    def _read(self, client_id: int | str, split: str) -> tuple[list[Any], np.ndarray]:
+        if isinstance(client_id, str):  # a shared test set: "base" or "novel"
+            images, labels = read_global_samples(
+                self.root, self._require_manifest(), client_id, self.verify_shards
+            )
+            if client_id == "novel":
+                labels = labels - len(self.class_names)  # novel labels count from 0 in the novel task
+            return images, labels
+        return self.read_split(client_id, split)
+
+    def image_dataset(self, client_id: int | str, split: str, train: bool = False) -> Dataset:
+        images, labels = self._read(client_id, split)
         tf = self._eval_tf()
         if train and self.augment and self._train_transform is not None:
             tf = self._train_transform
         return _ImageDataset(images, labels, tf)
 
     def feature_dataset(
-        self, client_id: int, split: str, encoder: Callable[[Tensor], Tensor], encoder_key: str
+        self, client_id: int | str, split: str, encoder: Callable[[Tensor], Tensor], encoder_key: str
     ) -> TensorDataset:
         """Cached frozen features of one client's split, computed with ``encoder`` on a miss."""
 
@@ -195,13 +237,15 @@ class FederatedDataModule(L.LightningDataModule):
                 return torch.empty(0), torch.empty(0, dtype=torch.long)
             return torch.cat(feats), torch.cat(labels)
 
-        key = FeatureCache.make_key(encoder_key, repr(self._eval_tf()), self.shard_digest(client_id, split))
+        key = FeatureCache.make_key(
+            encoder_key, repr(self._eval_tf()), self.shard_digest(client_id, split), client_id
+        )
         feats, labels = self.cache.get_or_compute(key, compute)
         return TensorDataset(feats, labels)
 
     def client_loader(
         self,
-        client_id: int,
+        client_id: int | str,
         split: str = "train",
         *,
         train: bool = False,
@@ -209,7 +253,11 @@ class FederatedDataModule(L.LightningDataModule):
         encoder: Callable[[Tensor], Tensor] | None = None,
         encoder_key: str | None = None,
     ) -> DataLoader:
-        """A DataLoader over one client's split; cached features when ``encoder`` is given and caching applies."""
+        """A DataLoader over one client's split (or the shared ``"base"`` / ``"novel"`` test set).
+
+        Yields cached frozen features when ``encoder`` is given and caching applies,
+        transformed images otherwise.
+        """
         if encoder is not None and self.uses_feature_cache:
             ds: Dataset = self.feature_dataset(client_id, split, encoder, encoder_key or "")
             workers = 0

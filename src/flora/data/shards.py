@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 
 from flora.data.errors import FloraDataError
-from flora.data.partition import Partitioner
+from flora.data.partition import Partitioner, base_novel_split
 from flora.data.synthetic import SourceDataset
 
 FORMAT_VERSION = 1
@@ -59,14 +59,37 @@ def write_federated_shards(
     root: str | os.PathLike,
     maxcount: int = 1000,
     progress: bool = True,
+    base_novel: bool = False,
 ) -> dict[str, Any]:
-    """Partition ``source`` and write every client's shards plus ``manifest.json`` under ``root``."""
+    """Partition ``source`` and write every client's shards plus ``manifest.json`` under ``root``.
+
+    With ``base_novel`` only the base classes (the first ``ceil(C / 2)`` labels) are
+    partitioned over clients; the whole base-class test set and the novel-class test set
+    are written once as ``global/base-*.tar`` and ``global/novel-*.tar``.
+    """
     root = Path(root)
     labels = {s: np.asarray(source.labels(s), dtype=np.int64) for s in SPLITS}
     domains = {s: source.domains(s) for s in SPLITS}
+    num_classes = source.num_classes
+    keep = {s: np.arange(len(labels[s])) for s in SPLITS}
+    base, novel = base_novel_split(num_classes)
+    if base_novel:
+        if len(novel) == 0:
+            raise FloraDataError(
+                f"base_novel needs at least 2 classes; {type(source).__name__} has {num_classes}"
+            )
+        num_classes = len(base)
+        keep = {s: np.flatnonzero(labels[s] < len(base)) for s in SPLITS}
+    sub_dom = {s: None if domains[s] is None else np.asarray(domains[s])[keep[s]] for s in SPLITS}
     part = partitioner.partition(
-        labels["train"], labels["test"], source.num_classes, domains["train"], domains["test"]
+        labels["train"][keep["train"]],
+        labels["test"][keep["test"]],
+        num_classes,
+        sub_dom["train"],
+        sub_dom["test"],
     )
+    part.train = [keep["train"][idx] for idx in part.train]  # back to source indices
+    part.test = [keep["test"][idx] for idx in part.test]
     for cid, idx in enumerate(part.train):
         if len(idx) == 0:
             raise FloraDataError(f"client {cid} received no training data from {type(partitioner).__name__}")
@@ -79,6 +102,13 @@ def write_federated_shards(
     for s in SPLITS:
         (tmp / s).mkdir(parents=True)
     clients = []
+    global_sets: dict[str, list[dict[str, Any]]] = {}
+    if base_novel:
+        (tmp / "global").mkdir(parents=True)
+        for name, mask in (("base", labels["test"] < len(base)), ("novel", labels["test"] >= len(base))):
+            global_sets[name] = _write_shards(
+                source, "test", np.flatnonzero(mask), labels["test"], tmp, f"global/{name}", maxcount
+            )
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
@@ -95,7 +125,9 @@ def write_federated_shards(
             if domains["train"] is not None:
                 entry["domains"] = sorted(set(np.asarray(domains["train"])[part.train[cid]].tolist()))
             for s, idx in (("train", part.train[cid]), ("test", part.test[cid])):
-                entry["shards"][s] = _write_client_split(source, s, idx, labels[s], tmp, cid, maxcount)
+                entry["shards"][s] = _write_shards(
+                    source, s, idx, labels[s], tmp, f"{s}/client-{cid:05d}", maxcount
+                )
             clients.append(entry)
             bar.advance(task)
 
@@ -107,13 +139,19 @@ def write_federated_shards(
         "seed": partitioner.seed,
         "num_clients": part.num_clients,
         "num_classes": source.num_classes,
+        "base_novel": base_novel,
         "clients": clients,
     }
+    if base_novel:
+        manifest["base_classes"] = [source.class_names[k] for k in base]
+        manifest["novel_classes"] = [source.class_names[k] for k in novel]
+        manifest["global"] = global_sets
     root.mkdir(parents=True, exist_ok=True)
-    for s in SPLITS:
+    for s in (*SPLITS, "global"):
         if (root / s).exists():
             shutil.rmtree(root / s)
-        os.replace(tmp / s, root / s)
+        if (tmp / s).exists():
+            os.replace(tmp / s, root / s)
     manifest_tmp = root / f"manifest.json.tmp{os.getpid()}"
     manifest_tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(manifest_tmp, root / "manifest.json")
@@ -121,14 +159,21 @@ def write_federated_shards(
     return manifest
 
 
-def _write_client_split(
-    source: SourceDataset, split: str, idx: np.ndarray, labels: np.ndarray, tmp: Path, cid: int, maxcount: int
+def _write_shards(
+    source: SourceDataset,
+    split: str,
+    idx: np.ndarray,
+    labels: np.ndarray,
+    tmp: Path,
+    stem: str,
+    maxcount: int,
 ) -> list[dict[str, Any]]:
+    """Write the samples ``idx`` of ``split`` into ``<stem>-000000.tar``, ``<stem>-000001.tar``, ..."""
     shards = []
     n_shards = max(1, -(-len(idx) // maxcount))
     for shard in range(n_shards):
         chunk = idx[shard * maxcount : (shard + 1) * maxcount]
-        rel = f"{split}/client-{cid:05d}-{shard:06d}.tar"
+        rel = f"{stem}-{shard:06d}.tar"
         path = tmp / rel
         with wds.TarWriter(str(path), mtime=0.0) as sink:
             for i in chunk.tolist():
@@ -167,10 +212,14 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def manifest_matches(manifest: dict[str, Any], source: SourceDataset, partitioner: Partitioner) -> bool:
-    """Whether ``manifest`` was prepared from exactly this dataset and partition."""
-    return manifest.get("dataset") == _jsonable(source.describe()) and manifest.get("partition") == _jsonable(
-        partitioner.describe()
+def manifest_matches(
+    manifest: dict[str, Any], source: SourceDataset, partitioner: Partitioner, base_novel: bool = False
+) -> bool:
+    """Whether ``manifest`` was prepared from exactly this dataset, partition and protocol."""
+    return (
+        manifest.get("dataset") == _jsonable(source.describe())
+        and manifest.get("partition") == _jsonable(partitioner.describe())
+        and bool(manifest.get("base_novel", False)) == base_novel
     )
 
 
@@ -178,13 +227,32 @@ def read_client_samples(
     root: str | os.PathLike, manifest: dict[str, Any], client_id: int, split: str, verify: bool = True
 ) -> tuple[list[Image.Image], np.ndarray]:
     """Decoded images and labels of one client's split, from its (checksum-verified) shards."""
-    root = Path(root)
     clients = manifest["clients"]
     if not 0 <= client_id < len(clients):
         raise FloraDataError(f"unknown client {client_id}: {root} has clients 0..{len(clients) - 1}")
+    return read_shards(root, clients[client_id]["shards"][split], verify)
+
+
+def read_global_samples(
+    root: str | os.PathLike, manifest: dict[str, Any], name: str, verify: bool = True
+) -> tuple[list[Image.Image], np.ndarray]:
+    """The shared ``base`` or ``novel`` test set of a base/novel manifest (original labels)."""
+    sets = manifest.get("global", {})
+    if name not in sets:
+        raise FloraDataError(
+            f"{Path(root) / 'manifest.json'} has no global {name!r} test set (prepared without base_novel)"
+        )
+    return read_shards(root, sets[name], verify)
+
+
+def read_shards(
+    root: str | os.PathLike, shards: list[dict[str, Any]], verify: bool = True
+) -> tuple[list[Image.Image], np.ndarray]:
+    """Decoded images and labels of the listed shards (checksums verified first)."""
+    root = Path(root)
     images: list[Image.Image] = []
     labels: list[int] = []
-    for shard in clients[client_id]["shards"][split]:
+    for shard in shards:
         path = root / shard["file"]
         if not path.is_file():
             raise FloraDataError(f"shard {path} is missing; re-run `flora prepare`")

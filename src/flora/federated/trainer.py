@@ -391,12 +391,14 @@ class FederatedTrainer:
         )
 
     @torch.no_grad()
-    def _eval_client(self, client_id: int) -> ClientEval:
+    def _eval_client(self, client_id: int, data: int | str | None = None, prepare: bool = True) -> ClientEval:
+        """Evaluate client ``client_id``'s model on its own test split or a shared set (``"base"``/``"novel"``)."""
         fabric, module = self.fabric, self.module
-        self._prepare_client(client_id)
+        if prepare:
+            self._prepare_client(client_id)
         module.eval()
         preds, targets = [], []
-        for x, y in self._loader(client_id, "test", train=False):
+        for x, y in self._loader(client_id if data is None else data, "test", train=False):
             with fabric.autocast():
                 logits = module(fabric.to_device(x))
             preds.append(logits.argmax(-1).cpu())
@@ -418,9 +420,44 @@ class FederatedTrainer:
 
     # ----------------------------------------------------------------- round
     def _evaluate(self) -> tuple[dict[str, float], list[ClientEval]]:
-        evals = [self._eval_client(c) for c in self._my_share(list(range(self.dm.num_clients)))]
-        evals = sorted(self._gather(evals), key=lambda e: e.client_id)
-        return summarise(evals, "local"), evals
+        """The evaluation protocol: Local, Global, and under base/novel also Base, Novel and HM."""
+        module = self.module
+        mine = self._my_share(list(range(self.dm.num_clients)))
+        has_global = module.has_global_model
+        base_novel = self.dm.has_novel
+        local, base, glob = [], [], []
+        for cid in mine:
+            local.append(self._eval_client(cid))
+            if base_novel:
+                base.append(self._eval_client(cid, "base", prepare=False))
+            if has_global:
+                with module.global_only():
+                    glob.append(self._eval_client(cid, prepare=False))
+        novel, novel_glob = [], []
+        if base_novel:
+            module.set_task(self.dm.novel_class_names)
+            try:
+                for cid in mine:
+                    novel.append(self._eval_client(cid, "novel"))
+                    if has_global:
+                        with module.global_only():
+                            novel_glob.append(self._eval_client(cid, "novel", prepare=False))
+            finally:
+                module.set_task(self.dm.class_names)
+        gathered = self._gather([local, base, glob, novel, novel_glob])
+        parts = [sorted((e for g in gathered[i::5] for e in g), key=lambda e: e.client_id) for i in range(5)]
+        local, base, glob, novel, novel_glob = parts
+        metrics = summarise(local, "local")
+        if glob:
+            metrics["global_acc"] = summarise(glob, "global")["global_acc_pooled"]
+        if base_novel:
+            metrics.update(summarise(base, "base"))
+            metrics.update(summarise(novel, "novel"))
+            if novel_glob:
+                metrics.update(summarise(novel_glob, "novel_global"))
+            accs = [metrics["local_acc_mean"], metrics["base_acc_mean"], metrics["novel_acc_mean"]]
+            metrics["hm"] = 0.0 if min(accs) <= 0 else len(accs) / sum(1.0 / a for a in accs)
+        return metrics, local
 
     def _run_round(self, round_idx: int, reporter: RunReporter) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -1,7 +1,17 @@
 """Federated prompt-learning methods, one LightningModule each."""
 
 from flora.methods.base import FederatedPromptModule, Role
+from flora.methods.fedpgp import FLORA, FedPGP
 from flora.methods.promptfl import CoOpModule, LocalCoOp, PromptFL
 from flora.methods.zeroshot import ZeroShotCLIP
 
-__all__ = ["CoOpModule", "FederatedPromptModule", "LocalCoOp", "PromptFL", "Role", "ZeroShotCLIP"]
+__all__ = [
+    "FLORA",
+    "CoOpModule",
+    "FedPGP",
+    "FederatedPromptModule",
+    "LocalCoOp",
+    "PromptFL",
+    "Role",
+    "ZeroShotCLIP",
+]

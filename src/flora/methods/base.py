@@ -9,7 +9,8 @@ plain ``lightning.Trainer`` on one client's DataLoader.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -71,6 +72,7 @@ class FederatedPromptModule(L.LightningModule):
         self.prompts: ClassPrompts | None = None
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         self._eval_text: Tensor | None = None
+        self._global_only = False
         self.val_acc: MulticlassAccuracy | None = None
         if class_names is not None:
             self.set_task(list(class_names))
@@ -189,6 +191,28 @@ class FederatedPromptModule(L.LightningModule):
 
     def reset_local_parameters(self, generator: torch.Generator) -> None:
         """Initialise a new client's local tensors from ``generator``."""
+
+    @property
+    def has_global_model(self) -> bool:
+        """Whether the method has a global model that can be evaluated alone."""
+        return any(r is Role.GLOBAL for r in self.parameter_roles().values())
+
+    @property
+    def is_global_only(self) -> bool:
+        """True inside :meth:`global_only`: forward passes must ignore every local part."""
+        return self._global_only
+
+    @contextmanager
+    def global_only(self) -> Iterator[None]:
+        """Evaluate with the global part alone (e.g. FLORA's ``sigma`` without ``B A``)."""
+        previous = self._global_only
+        self._global_only = True
+        self._eval_text = None
+        try:
+            yield
+        finally:
+            self._global_only = previous
+            self._eval_text = None
 
     # ---------------------------------------------------------- server side
     def aggregate(self, uploads: Sequence[tuple[int, int, StateDict]], current: StateDict) -> StateDict:

@@ -1,5 +1,15 @@
 """Small learnable parts shared by the methods; no federated knowledge lives here."""
 
+from flora.prompts.adapter import FeatureGate
 from flora.prompts.context import PromptContext
+from flora.prompts.losses import pair_contrastive, rowwise_cos
+from flora.prompts.lowrank import LowRankTerm, orthogonality_penalty
 
-__all__ = ["PromptContext"]
+__all__ = [
+    "FeatureGate",
+    "LowRankTerm",
+    "PromptContext",
+    "orthogonality_penalty",
+    "pair_contrastive",
+    "rowwise_cos",
+]
