@@ -25,6 +25,15 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_bn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same federation under the base-to-novel protocol (base: 5 classes, novel: 4)."""
+    root = tmp_path_factory.mktemp("tiny_bn") / "fed"
+    part = Dirichlet(**{**TINY_PARTITION, "min_size": 3})
+    write_federated_shards(SyntheticShapes(**TINY_DATA), part, root, progress=False, base_novel=True)
+    return root
+
+
 def tiny_config(
     tmp_path: Path, root: Path, method: str = "flora.methods.PromptFL", **trainer: object
 ) -> Path:
