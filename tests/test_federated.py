@@ -221,3 +221,13 @@ def test_disk_feature_cache_is_reused(tmp_path: Path, tiny_root: Path) -> None:
     b = _trainer(tmp_path / "b", rounds=1).fit(PromptFL(n_ctx=4), second)
     assert second.cache.misses == 0 and second.cache.hits >= 8
     assert a["final"]["local_acc_mean"] == b["final"]["local_acc_mean"]
+
+
+def test_zero_shot_reference_equals_zero_shot_method(tmp_path: Path, tiny_root: Path) -> None:
+    ref = _trainer(tmp_path / "a", rounds=1, zero_shot_reference=True).fit(PromptFL(n_ctx=4), _dm(tiny_root))
+    zs = _trainer(tmp_path / "b", rounds=1).fit(ZeroShotCLIP(), _dm(tiny_root))
+    for key in ("local_acc_mean", "local_acc_pooled", "local_f1_mean"):
+        assert ref["zero_shot"][key] == pytest.approx(zs["final"][key]), key
+    records = [json.loads(x) for x in (tmp_path / "a" / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records[-1]["local_acc_clients"]) == 4
+    assert sum(records[-1]["local_acc_clients"]) / 4 == pytest.approx(records[-1]["local_acc_mean"])

@@ -160,6 +160,26 @@ def prepare_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def pretrain_main(argv: Sequence[str]) -> int:
+    """``flora pretrain-tiny``: pretrain the tiny CLIP on the synthetic world (writes fp16 safetensors)."""
+    from flora.pretrain import PretrainConfig, pretrain_tiny
+
+    parser = ArgumentParser(prog="flora pretrain-tiny", description=pretrain_main.__doc__)
+    parser.add_argument(
+        "--output", type=str, default="runs/pretrain/flora-tiny.safetensors", help="weights file"
+    )
+    parser.add_class_arguments(PretrainConfig, "pretrain")
+    parser.add_argument("--progress", type=bool, default=True)
+    cfg = parser.instantiate_classes(parser.parse_args(list(argv)))
+    report = pretrain_tiny(cfg.output, cfg.pretrain, progress=cfg.progress)
+    print(
+        f"flora pretrain-tiny: wrote {report['output']} ({report['size_mb']:.1f} MiB, sha256 {report['sha256'][:16]}) "
+        f"in {report['render_s'] + report['train_s']:.0f} s (rendering {report['render_s']:.0f} s); "
+        f"final loss {report['final_loss']:.3f}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "prepare":
             return prepare_main(argv[1:])
+        if argv and argv[0] == "pretrain-tiny":
+            return pretrain_main(argv[1:])
         if argv and argv[0] in ("fit", "validate", "test"):
             problem = _check_method(argv[1:])
             if problem:

@@ -47,7 +47,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_summary(history: list[dict[str, Any]], method: str, name: str) -> dict[str, Any]:
+def build_summary(
+    history: list[dict[str, Any]], method: str, name: str, zero_shot: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``final`` and ``best`` evaluated rounds, plus the last-5 mean/std.
 
     ``best`` is the round with the highest HM under the base/novel protocol, otherwise
@@ -185,8 +187,17 @@ class RunReporter:
     def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
-    def finish(self, history: list[dict[str, Any]], method: str) -> dict[str, Any]:
-        summary = build_summary(history, method, self.run_dir.name)
+    def zero_shot(self, metrics: dict[str, Any]) -> None:
+        if self.progress:
+            extra = (
+                f", novel {metrics['novel_acc_mean']:.2f}, HM {metrics['hm']:.2f}" if "hm" in metrics else ""
+            )
+            self.note(f"zero-shot reference: local acc {metrics['local_acc_mean']:.2f}{extra}")
+
+    def finish(
+        self, history: list[dict[str, Any]], method: str, zero_shot: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        summary = build_summary(history, method, self.run_dir.name, zero_shot)
         if not self.enabled:
             return summary
         _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -101,43 +102,17 @@ class CLIPBackbone(nn.Module):
             std=getattr(self.model.visual, "image_std", None),
         )
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        text = self._text_parts()
+        text = text_tower_parts(self.model, model_name)
         self._token_embedding = text["token_embedding"]
         self._positional_embedding = text["positional_embedding"]
         self._transformer = text["transformer"]
         self._ln_final = text["ln_final"]
         self._text_projection = text["text_projection"]
         self._attn_mask = text["attn_mask"]
+        self._text = text
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ structure
-    def _text_parts(self) -> dict:
-        m = self.model
-        if hasattr(m, "text"):  # CustomTextCLIP
-            t = m.text
-            if getattr(t, "cls_emb", None) is not None or getattr(t, "pool_type", "argmax") != "argmax":
-                raise ValueError(f"{self.model_name}: only argmax (EOT) pooled text towers can be prompted")
-            parts = {
-                "token_embedding": t.token_embedding,
-                "positional_embedding": t.positional_embedding,
-                "transformer": t.transformer,
-                "ln_final": t.ln_final,
-                "text_projection": t.text_projection,
-                "attn_mask": t.attn_mask,
-            }
-        else:
-            if getattr(m, "text_pool_type", "argmax") != "argmax":
-                raise ValueError(f"{self.model_name}: only argmax (EOT) pooled text towers can be prompted")
-            parts = {
-                "token_embedding": m.token_embedding,
-                "positional_embedding": m.positional_embedding,
-                "transformer": m.transformer,
-                "ln_final": m.ln_final,
-                "text_projection": m.text_projection,
-                "attn_mask": m.attn_mask,
-            }
-        return parts
-
     def train(self, mode: bool = True) -> CLIPBackbone:
         """The backbone is frozen: it always stays in eval mode."""
         return super().train(False)
@@ -230,18 +205,7 @@ class CLIPBackbone(nn.Module):
         return ClassPrompts(tokens, eot, emb[:, :1].clone(), emb[:, 1 + n_ctx :].clone(), n_ctx)
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
-        length = x.shape[1]
-        x = x + self._positional_embedding[:length].to(x.dtype)
-        mask = self._attn_mask
-        if mask is not None:
-            mask = mask[:length, :length].to(x.device)
-        x = self._transformer(x, attn_mask=mask)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        x = self._ln_final(x)
-        proj = self._text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return x
+        return run_text_tower(self._text, x, eot)
 
     def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts, normalize: bool = True) -> Tensor:
         """Text features of every class with learned context ``ctx``.
@@ -274,16 +238,61 @@ class CLIPBackbone(nn.Module):
     def encode_text(self, texts: list[str], normalize: bool = True, truncate: bool = True) -> Tensor:
         """Features of plain texts through the same (truncated) path."""
         tokens = self.tokenize(texts).to(self._token_embedding.weight.device)
-        eot = tokens.argmax(dim=-1)
         if truncate:
-            tokens = tokens[:, : int(eot.max()) + 1]
-        feats = self._run_text(self._token_embedding(tokens), eot)
+            feats = encode_token_ids(self._text, tokens)
+        else:
+            feats = self._run_text(self._token_embedding(tokens), tokens.argmax(dim=-1))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
     def anchor_features(self, class_names: list[str], template: str = "a photo of a {}.") -> Tensor:
         """``z0``: normalised features of a hand-written template for every class."""
         return self.encode_text([template.format(n.replace("_", " ")) for n in class_names])
+
+
+def text_tower_parts(model: nn.Module, model_name: str = "model") -> dict[str, Any]:
+    """The pieces of an open_clip text tower (``CLIP`` or ``CustomTextCLIP``) needed to prompt it."""
+    t = model.text if hasattr(model, "text") else model
+    if getattr(t, "cls_emb", None) is not None:
+        raise ValueError(f"{model_name}: text towers with a class token cannot be prompted")
+    pool = getattr(t, "pool_type", getattr(model, "text_pool_type", "argmax"))
+    if pool != "argmax":
+        raise ValueError(f"{model_name}: only argmax (EOT) pooled text towers can be prompted, not {pool!r}")
+    return {
+        "token_embedding": t.token_embedding,
+        "positional_embedding": t.positional_embedding,
+        "transformer": t.transformer,
+        "ln_final": t.ln_final,
+        "text_projection": t.text_projection,
+        "attn_mask": t.attn_mask,
+    }
+
+
+def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor) -> Tensor:
+    """Token embeddings ``(B, L, d_t)`` -> pooled, projected text features ``(B, d)``.
+
+    ``L`` may be shorter than the model's context: the mask is causal, so the EOT feature
+    only depends on the tokens before it and truncating at the longest EOT is exact.
+    """
+    length = x.shape[1]
+    x = x + parts["positional_embedding"][:length].to(x.dtype)
+    mask = parts["attn_mask"]
+    if mask is not None:
+        mask = mask[:length, :length].to(x.device)
+    x = parts["transformer"](x, attn_mask=mask)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    x = parts["ln_final"](x)  # LayerNorm is per token: pooling first is the same, and cheaper
+    proj = parts["text_projection"]
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
+
+
+def encode_token_ids(parts: dict[str, Any], tokens: Tensor) -> Tensor:
+    """Text features of tokenised texts, truncated at the longest EOT (differentiable)."""
+    eot = tokens.argmax(dim=-1)
+    tokens = tokens[:, : int(eot.max()) + 1]
+    return run_text_tower(parts, parts["token_embedding"](tokens), eot)
 
 
 def _create_model(

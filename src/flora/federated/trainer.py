@@ -86,6 +86,9 @@ class FederatedTrainer:
         wandb_project: project name of the wandb run.
         progress: show progress output.
         checkpoint_every: write a checkpoint every N rounds (always after the last).
+        zero_shot_reference: before training, evaluate zero-shot CLIP (the anchor
+            template, no learned parts) with the same protocol; stored as ``zero_shot``
+            in ``summary.json`` for comparison.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class FederatedTrainer:
         wandb_project: str = "flora",
         progress: bool = True,
         checkpoint_every: int = 1,
+        zero_shot_reference: bool = False,
     ) -> None:
         if rounds < 0 or local_epochs < 1 or eval_every < 1 or checkpoint_every < 1:
             raise ValueError(
@@ -144,6 +148,7 @@ class FederatedTrainer:
         self.wandb_project = wandb_project
         self.progress = progress
         self.checkpoint_every = checkpoint_every
+        self.zero_shot_reference = zero_shot_reference
         self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
 
     # ------------------------------------------------------------------ paths
@@ -253,6 +258,7 @@ class FederatedTrainer:
         self.global_state: StateDict = module.global_state()
         self.completed_rounds = 0
         self.history: list[dict[str, Any]] = []
+        self.zero_shot: dict[str, Any] | None = None
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_time_s": 0.0}
 
     def _encoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -284,6 +290,7 @@ class FederatedTrainer:
             "server_state": to_cpu_copy(module.server_state_dict()),
             "clients": self.store.state_dict(),
             "history": self.history,
+            "zero_shot": self.zero_shot,
             "totals": self.totals,
             "seed": self.seed,
         }
@@ -325,6 +332,7 @@ class FederatedTrainer:
         self.store.load_state_dict(ckpt["clients"])
         self.completed_rounds = int(ckpt["completed_rounds"])
         self.history = list(ckpt["history"])
+        self.zero_shot = ckpt.get("zero_shot")
         self.totals = dict(ckpt["totals"])
 
     # ---------------------------------------------------------------- client
@@ -447,7 +455,8 @@ class FederatedTrainer:
         gathered = self._gather([local, base, glob, novel, novel_glob])
         parts = [sorted((e for g in gathered[i::5] for e in g), key=lambda e: e.client_id) for i in range(5)]
         local, base, glob, novel, novel_glob = parts
-        metrics = summarise(local, "local")
+        metrics: dict[str, Any] = summarise(local, "local")
+        metrics["local_acc_clients"] = [e.acc for e in local]
         if glob:
             metrics["global_acc"] = summarise(glob, "global")["global_acc_pooled"]
         if base_novel:
@@ -521,6 +530,10 @@ class FederatedTrainer:
                 p.unlink()
         fabric.barrier()
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
+        if self.zero_shot_reference and self.zero_shot is None:
+            with module.zero_shot():
+                self.zero_shot, _ = self._evaluate()
+            reporter.zero_shot(self.zero_shot)
         if not module.is_trainable:
             reporter.note(f"{type(module).__name__} has no trainable parameters: evaluating only")
             if not self.history:
@@ -549,7 +562,7 @@ class FederatedTrainer:
                 reporter.round_done(record)
                 fabric.barrier()
         self.module.load_global_state(self.global_state)
-        summary = reporter.finish(self.history, method=_method_path(module))
+        summary = reporter.finish(self.history, method=_method_path(module), zero_shot=self.zero_shot)
         fabric.barrier()
         return summary
 

@@ -73,6 +73,7 @@ class FederatedPromptModule(L.LightningModule):
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         self._eval_text: Tensor | None = None
         self._global_only = False
+        self._zero_shot = False
         self.val_acc: MulticlassAccuracy | None = None
         if class_names is not None:
             self.set_task(list(class_names))
@@ -214,6 +215,18 @@ class FederatedPromptModule(L.LightningModule):
             self._global_only = previous
             self._eval_text = None
 
+    @contextmanager
+    def zero_shot(self) -> Iterator[None]:
+        """Evaluate as zero-shot CLIP: the anchor template's text features, the plain image feature."""
+        previous = self._zero_shot
+        self._zero_shot = True
+        self._eval_text = None
+        try:
+            yield
+        finally:
+            self._zero_shot = previous
+            self._eval_text = None
+
     # ---------------------------------------------------------- server side
     def aggregate(self, uploads: Sequence[tuple[int, int, StateDict]], current: StateDict) -> StateDict:
         """Server update: sample-weighted FedAvg of ``(client_id, num_samples, state)`` uploads.
@@ -277,6 +290,10 @@ class FederatedPromptModule(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``(B, n_cls)`` for images or cached features."""
+        if self._zero_shot:
+            return self.logits_from(
+                FederatedPromptModule.image_side(self, self.image_features(x)), self.anchor
+            )
         img = self.image_side(self.image_features(x))
         if self.training or torch.is_grad_enabled():
             text = self.text_features()
