@@ -61,6 +61,8 @@ def build_summary(
         "method": method,
         "rounds": len([r for r in history if r["round"] > 0]),
     }
+    if zero_shot:
+        summary["zero_shot"] = {k: v for k, v in zero_shot.items() if k in SUMMARY_KEYS}
     if not evaluated:
         return summary
     pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
