@@ -70,7 +70,7 @@ def test_anchor_features_equal_encode_text(backbone: CLIPBackbone) -> None:
 def test_patch_tokens_and_global_feature(backbone: CLIPBackbone) -> None:
     images = torch.randn(2, 3, 32, 32)
     pooled, tokens = backbone.encode_image_tokens(images)
-    assert tokens.shape == (2, (32 // 4) ** 2, backbone.embed_dim)
+    assert tokens.shape == (2, (32 // 8) ** 2, backbone.embed_dim)
     torch.testing.assert_close(pooled, backbone.encode_image(images), atol=1e-5, rtol=0)
 
 

@@ -117,3 +117,14 @@ def test_test_all_gives_everyone_the_whole_test_split() -> None:
 def test_base_novel_split() -> None:
     assert base_novel_split(5) == ([0, 1, 2], [3, 4])
     assert base_novel_split(100) == (list(range(50)), list(range(50, 100)))
+
+
+def test_domains_describe_does_not_change_when_partitioning() -> None:
+    """A fresh Domains() must describe itself like the one that wrote a manifest."""
+    dom = np.repeat(np.arange(3), 100)
+    labels = np.tile(np.arange(C), 30)
+    used = Domains(clients_per_domain=2)
+    before = used.describe()
+    part = used.partition(labels, labels[:30], C, dom, dom[::10])
+    assert part.num_clients == 6
+    assert used.describe() == before == Domains(clients_per_domain=2).describe()

@@ -112,3 +112,34 @@ def test_client_with_no_data_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FloraDataError, match="client 1 received no training data"):
         write_federated_shards(SyntheticShapes(**SOURCE), Empty(3, 3), tmp_path / "e", progress=False)
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_domains_manifest_matches_a_fresh_partitioner(tmp_path: Path) -> None:
+    from flora.data import Domains, manifest_matches
+
+    styles = dict(SOURCE, styles=["photo", "sketch"])
+    write_federated_shards(SyntheticShapes(**styles), Domains(), tmp_path / "d", progress=False)
+    manifest = load_manifest(tmp_path / "d")
+    assert manifest["num_clients"] == 2
+    assert manifest_matches(manifest, SyntheticShapes(**styles), Domains())
+    assert not manifest_matches(manifest, SyntheticShapes(**styles), Domains(seed=1))
+
+
+def test_crash_while_replacing_shards_leaves_no_stale_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flora.data.shards as shards
+
+    _write(tmp_path / "a")
+
+    def crash(*args: object) -> None:
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(shards.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_federated_shards(
+            SyntheticShapes(**SOURCE), IID(num_clients=3, seed=1), tmp_path / "a", progress=False
+        )
+    # the old manifest no longer points at the (now removed) shards: data must be re-prepared
+    with pytest.raises(FloraDataError, match="manifest not found"):
+        load_manifest(tmp_path / "a")

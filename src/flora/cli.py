@@ -180,6 +180,16 @@ def pretrain_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def bench_main(argv: Sequence[str]) -> int:
+    """``flora bench accuracy | speed``: regenerate docs/results.md or docs/performance.md."""
+    from jsonargparse import CLI
+
+    from flora.bench import run_accuracy, run_speed
+
+    CLI({"accuracy": run_accuracy, "speed": run_speed}, args=list(argv), as_positional=False)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -189,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return prepare_main(argv[1:])
         if argv and argv[0] == "pretrain-tiny":
             return pretrain_main(argv[1:])
+        if argv and argv[0] == "bench":
+            return bench_main(argv[1:])
         if argv and argv[0] in ("fit", "validate", "test"):
             problem = _check_method(argv[1:])
             if problem:

@@ -23,7 +23,11 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from flora.clip.backbone import encode_token_ids, text_tower_parts  # also registers flora's model configs
+from flora.clip.backbone import (  # also registers flora's model configs
+    _create_model,
+    encode_token_ids,
+    text_tower_parts,
+)
 from flora.data.synthetic import SyntheticShapes
 
 #: caption templates; ``{style}`` templates are used only for images of that style
@@ -107,7 +111,7 @@ def pretrain_tiny(
     render_s = time.perf_counter() - start
     styles = list(cfg.style_counts)
 
-    model = open_clip.create_model(cfg.model, pretrained=None)
+    model = _create_model(cfg.model, None, None, cfg.seed)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.model)
     templates = [list(GENERIC_TEMPLATES) + list(STYLE_TEMPLATES.get(s, ())) for s in styles]

@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,23 @@ class CLIPBackbone(nn.Module):
         self._attn_mask = text["attn_mask"]
         self._text = text
         self._fingerprint: str | None = None
+        #: when ``profiling`` is on, seconds spent in the image tower and the text tower
+        self.profiling = False
+        self.timings: dict[str, float] = {"image": 0.0, "text": 0.0}
+
+    @contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        if not self.profiling:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.model.logit_scale.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.timings[key] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ structure
     def train(self, mode: bool = True) -> CLIPBackbone:
@@ -160,7 +180,8 @@ class CLIPBackbone(nn.Module):
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
         """Pooled image embedding (not normalised), shape ``(B, d)``."""
-        return self.model.encode_image(images)
+        with self._timed("image"):
+            return self.model.encode_image(images)
 
     @torch.no_grad()
     def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,13 +191,14 @@ class CLIPBackbone(nn.Module):
             raise ValueError(
                 f"patch features need a plain ViT image tower; {self.model_name} has {type(visual).__name__}"
             )
-        x = visual._embeds(images)
-        x = visual.transformer(x)
-        x = visual.ln_post(x)
-        pooled, tokens = visual._global_pool(x)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-            tokens = tokens @ visual.proj
+        with self._timed("image"):
+            x = visual._embeds(images)
+            x = visual.transformer(x)
+            x = visual.ln_post(x)
+            pooled, tokens = visual._global_pool(x)
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+                tokens = tokens @ visual.proj
         return pooled, tokens
 
     # ---------------------------------------------------------------------- text
@@ -205,7 +227,8 @@ class CLIPBackbone(nn.Module):
         return ClassPrompts(tokens, eot, emb[:, :1].clone(), emb[:, 1 + n_ctx :].clone(), n_ctx)
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
-        return run_text_tower(self._text, x, eot)
+        with self._timed("text"):
+            return run_text_tower(self._text, x, eot)
 
     def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts, normalize: bool = True) -> Tensor:
         """Text features of every class with learned context ``ctx``.
@@ -317,7 +340,8 @@ def _create_model(
         path = _shipped_weights(model_name)
         if path is None:
             raise PretrainedWeightsError(
-                f"flora ships no weights for {model_name!r}; use pretrained: null for a random init"
+                f"flora ships no weights for {model_name!r} (only for {[p.stem for p in _WEIGHTS_DIR.glob('*.safetensors')]}); "
+                "set clip_pretrained to an open_clip tag (e.g. openai), a checkpoint file, or null for a random init"
             )
         pretrained = str(path)
     if os.path.isfile(pretrained):

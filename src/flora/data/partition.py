@@ -309,6 +309,13 @@ class Domains(Partitioner):
         self.alpha = alpha
         self.min_size = min_size
 
+    def describe(self) -> dict[str, Any]:
+        """Constructor arguments only: ``num_clients`` is derived from the data by :meth:`partition`,
+        so it must not make a fresh ``Domains()`` differ from the one that wrote a manifest."""
+        d = super().describe()
+        d.pop("num_clients", None)
+        return d
+
     def assign_train(self, labels, num_classes, domains, rng):  # type: ignore[no-untyped-def]
         if domains is None:
             raise FloraDataError("Domains partitioning needs a dataset with several domains (styles)")

@@ -147,6 +147,9 @@ def write_federated_shards(
         manifest["novel_classes"] = [source.class_names[k] for k in novel]
         manifest["global"] = global_sets
     root.mkdir(parents=True, exist_ok=True)
+    # drop the old manifest before touching its shards: a crash below leaves no manifest
+    # (so the data is re-prepared) rather than one that points at replaced or deleted shards
+    (root / "manifest.json").unlink(missing_ok=True)
     for s in (*SPLITS, "global"):
         if (root / s).exists():
             shutil.rmtree(root / s)

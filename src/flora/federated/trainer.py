@@ -50,6 +50,7 @@ class ClientResult:
     loss: float
     steps: int
     seconds: float
+    samples_seen: int = 0
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,6 +90,8 @@ class FederatedTrainer:
         zero_shot_reference: before training, evaluate zero-shot CLIP (the anchor
             template, no learned parts) with the same protocol; stored as ``zero_shot``
             in ``summary.json`` for comparison.
+        profile: split each round's training time into image tower, text tower and
+            optimiser (backward + step) in ``metrics.jsonl`` (synchronises CUDA).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class FederatedTrainer:
         progress: bool = True,
         checkpoint_every: int = 1,
         zero_shot_reference: bool = False,
+        profile: bool = False,
     ) -> None:
         if rounds < 0 or local_epochs < 1 or eval_every < 1 or checkpoint_every < 1:
             raise ValueError(
@@ -149,6 +153,7 @@ class FederatedTrainer:
         self.progress = progress
         self.checkpoint_every = checkpoint_every
         self.zero_shot_reference = zero_shot_reference
+        self.profile = profile
         self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
 
     # ------------------------------------------------------------------ paths
@@ -363,7 +368,7 @@ class FederatedTrainer:
         loader = self._loader(client_id, "train", train=True, seed=seed)
         module.train()
         losses: list[float] = []
-        steps = 0
+        steps = seen = 0
         for _epoch in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
                 batch = fabric.to_device(batch)
@@ -372,11 +377,17 @@ class FederatedTrainer:
                         loss = module.training_step(batch, batch_idx)
                     except FloatingPointError as err:
                         raise FloatingPointError(f"round {round_idx + 1}, client {client_id}: {err}") from err
+                t_opt = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 optimizer.step()
+                if self.profile:
+                    if fabric.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    self._optim_time += time.perf_counter() - t_opt
                 losses.append(float(loss.detach()))
                 steps += 1
+                seen += int(batch[1].shape[0])
                 if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
                     break
             if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
@@ -396,6 +407,7 @@ class FederatedTrainer:
             loss=sum(losses) / max(1, len(losses)),
             steps=steps,
             seconds=time.perf_counter() - start,
+            samples_seen=seen,
         )
 
     @torch.no_grad()
@@ -472,10 +484,21 @@ class FederatedTrainer:
         t0 = time.perf_counter()
         sampled = self.sampler.clients(round_idx)
         mine = self._my_share(sampled)
+        backbone = self.module.backbone
+        backbone.profiling = self.profile
+        backbone.timings = {"image": 0.0, "text": 0.0}
+        self._optim_time = 0.0
         results = []
         for cid in mine:
             results.append(self._train_client(cid, round_idx))
             reporter.client_done(cid)
+        profile = {
+            "time_image_s": backbone.timings["image"],
+            "time_text_s": backbone.timings["text"],
+            "time_optim_s": self._optim_time,
+        }
+        backbone.profiling = False
+        n_trained = sum(r.samples_seen for r in results)
         results = sorted(self._gather(results), key=lambda r: r.client_id)
         t_train = time.perf_counter() - t0
 
@@ -497,7 +520,10 @@ class FederatedTrainer:
             "bytes_down": bytes_down,
             "time_train_s": t_train,
             "time_aggregate_s": t_agg,
+            "samples_trained_rank0": n_trained,
         }
+        if self.profile:
+            record.update(profile)
         is_last = round_idx + 1 == self.rounds
         if (round_idx + 1) % self.eval_every == 0 or is_last:
             t2 = time.perf_counter()

@@ -58,7 +58,7 @@ class FederatedPromptModule(L.LightningModule):
         self,
         class_names: Sequence[str] | None = None,
         clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = None,
+        clip_pretrained: str | None = "shipped",
         template: str = "a photo of a {}.",
         lr: float = 2e-3,
         momentum: float = 0.9,

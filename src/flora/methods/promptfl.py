@@ -20,7 +20,7 @@ class CoOpModule(FederatedPromptModule):
         n_ctx: int = 16,
         ctx_init_std: float = 0.02,
         clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = None,
+        clip_pretrained: str | None = "shipped",
         template: str = "a photo of a {}.",
         lr: float = 2e-3,
         momentum: float = 0.9,

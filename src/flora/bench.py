@@ -1,0 +1,430 @@
+"""``flora bench accuracy | speed``: the benchmark tables of docs/results.md and docs/performance.md.
+
+Everything runs offline on the synthetic captioned-shapes world with the shipped tiny
+CLIP. Each run is an ordinary :class:`~flora.federated.FederatedTrainer` fit; the
+tables are whatever the runs give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora.data import Dirichlet, Domains, FederatedDataModule, SyntheticShapes
+from flora.data.partition import Partitioner
+from flora.data.synthetic import STYLES
+from flora.federated import FederatedTrainer
+from flora.methods import FLORA, FederatedPromptModule, FedPGP, LocalCoOp, PromptFL, ZeroShotCLIP
+
+METHODS = ("zero-shot", "Local", "PromptFL", "FedPGP", "FLORA")
+SETTINGS = {
+    "label": "label skew: Dirichlet(0.1) over 10 clients, photo style only",
+    "feature": "feature shift: one style per client (5 clients: photo, sketch, cartoon, noisy, dark)",
+    "both": "feature + label shift: 2 clients per style, Dirichlet(0.1) within each style (10 clients)",
+}
+
+
+@dataclass
+class BenchConfig:
+    """Shared settings of every benchmark run (the same for all methods: nothing is tuned per method)."""
+
+    rounds: int = 10
+    local_epochs: int = 1
+    n_ctx: int = 8
+    rank: int = 4
+    lr: float = 0.01
+    batch_size: int = 32
+    num_colors: int = 10
+    num_shapes: int = 10
+    clip_pretrained: str | None = "shipped"
+
+
+def _world(setting: str, cfg: BenchConfig) -> tuple[SyntheticShapes, type[Partitioner], dict[str, Any]]:
+    if setting == "label":
+        ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, 20, 10, 32, ["photo"], seed=0)
+        return ds, Dirichlet, {"num_clients": 10, "alpha": 0.1, "min_size": 10}
+    styles = list(STYLES)
+    ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, 8, 4, 32, styles, seed=0)
+    if setting == "feature":
+        return ds, Domains, {"clients_per_domain": 1}
+    if setting == "both":
+        return ds, Domains, {"clients_per_domain": 2, "alpha": 0.1, "min_size": 10}
+    raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
+
+
+def make_datamodule(setting: str, seed: int, cfg: BenchConfig, root: Path) -> FederatedDataModule:
+    ds, part_cls, kwargs = _world(setting, cfg)
+    return FederatedDataModule(
+        str(root / "data" / f"{setting}-s{seed}"),
+        ds,
+        part_cls(seed=seed, **kwargs),
+        batch_size=cfg.batch_size,
+        feature_cache="disk",
+        base_novel=True,
+    )
+
+
+def make_method(name: str, cfg: BenchConfig) -> FederatedPromptModule:
+    common = {"clip_model": "flora-tiny", "clip_pretrained": cfg.clip_pretrained}
+    prompt = {**common, "n_ctx": cfg.n_ctx, "lr": cfg.lr}
+    if name == "zero-shot":
+        return ZeroShotCLIP(**common)
+    if name == "Local":
+        return LocalCoOp(**prompt)
+    if name == "PromptFL":
+        return PromptFL(**prompt)
+    if name == "FedPGP":
+        return FedPGP(rank=cfg.rank, **prompt)
+    if name == "FLORA":
+        return FLORA(rank=cfg.rank, **prompt)
+    raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def run_accuracy(
+    out_dir: str = "docs",
+    work_dir: str = "runs/bench",
+    seeds: int = 3,
+    settings: list[str] | None = None,
+    methods: list[str] | None = None,
+    cfg: BenchConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every method x setting x seed; writes ``results.md``, ``results.json`` and figures into ``out_dir``."""
+    from rich.console import Console
+
+    cfg = cfg or BenchConfig()
+    settings = settings or list(SETTINGS)
+    methods = methods or list(METHODS)
+    console = Console(highlight=False)
+    work, out = Path(work_dir), Path(out_dir)
+    runs: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    total = len(settings) * seeds * len(methods)
+    for setting in settings:
+        for seed in range(seeds):
+            for method in methods:
+                t0 = time.perf_counter()
+                dm = make_datamodule(setting, seed, cfg, work)
+                trainer = FederatedTrainer(
+                    rounds=cfg.rounds,
+                    local_epochs=cfg.local_epochs,
+                    seed=seed,
+                    output_dir=str(work / "runs"),
+                    name=f"{setting}-{method}-s{seed}",
+                    progress=False,
+                    loggers=[],
+                )
+                summary = trainer.fit(make_method(method, cfg), dm)
+                history = [
+                    json.loads(x)
+                    for x in (work / "runs" / trainer.name / "metrics.jsonl").read_text().splitlines()
+                ]
+                runs.append(
+                    {
+                        "setting": setting,
+                        "seed": seed,
+                        "method": method,
+                        "final": summary["final"],
+                        "curve": [
+                            (r["round"], r["local_acc_mean"]) for r in history if "local_acc_mean" in r
+                        ],
+                        "clients": history[-1].get("local_acc_clients", []),
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                if progress:
+                    f = summary["final"]
+                    console.print(
+                        f"[{len(runs)}/{total}] {setting:8s} seed {seed} {method:9s} local {f['local_acc_mean']:6.2f} "
+                        f"base {f['base_acc_mean']:6.2f} novel {f['novel_acc_mean']:6.2f} HM {f['hm']:6.2f} "
+                        f"({runs[-1]['seconds']:.0f} s)",
+                        soft_wrap=True,
+                    )
+    elapsed = time.perf_counter() - start
+    result = {
+        "command": "flora bench accuracy",
+        "machine": machine(),
+        "seconds": elapsed,
+        "config": cfg.__dict__,
+        "settings": {s: SETTINGS[s] for s in settings},
+        "runs": runs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    _plots(result, work, figures)
+    (out / "results.md").write_text(_results_markdown(result))
+    return result
+
+
+def _table(
+    result: dict[str, Any], setting: str
+) -> tuple[list[str], dict[str, dict[str, tuple[float, float]]]]:
+    keys = ("local_acc_mean", "base_acc_mean", "novel_acc_mean", "novel_global_acc_mean", "hm")
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    methods = []
+    for run in result["runs"]:
+        if run["setting"] != setting:
+            continue
+        if run["method"] not in methods:
+            methods.append(run["method"])
+    for m in methods:
+        finals = [r["final"] for r in result["runs"] if r["setting"] == setting and r["method"] == m]
+        rows[m] = {k: _mean_std([f[k] for f in finals if k in f]) for k in keys}
+    return methods, rows
+
+
+def _results_markdown(result: dict[str, Any]) -> str:
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    cfg = result["config"]
+    lines = [
+        "# Benchmark results (synthetic world, tiny CLIP)",
+        "",
+        "Generated by `flora bench accuracy` (`make bench`); every number below is from that",
+        "command, as measured. Nothing in the table is tuned per method.",
+        "",
+        f"- machine: {result['machine']}",
+        f"- run time: {result['seconds'] / 60:.1f} min for {len(result['runs'])} runs",
+        f"- seeds: {seeds} (partition, initialisation and sampling); mean ± std over seeds",
+        f"- every run: {cfg['rounds']} rounds, {cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, "
+        f"SGD lr {cfg['lr']} (momentum 0.9), n_ctx {cfg['n_ctx']}, rank {cfg['rank']} (FedPGP, FLORA), "
+        "FLORA with a global adapter",
+        f"- world: {cfg['num_colors']} colours x {cfg['num_shapes']} shapes = "
+        f"{cfg['num_colors'] * cfg['num_shapes']} classes; base-to-novel protocol: clients train on the "
+        f"first {(cfg['num_colors'] * cfg['num_shapes'] + 1) // 2} classes (Local and Base are over these), "
+        "Novel is over the other half (chance: 2 %)",
+        "- backbone: `flora-tiny` with the shipped weights (`flora pretrain-tiny`)",
+        "",
+        "Local: each client's own test split; Base: the whole base-class test set; Novel: the",
+        "novel-class test set with the personalised model (Novel-G: with the global part alone);",
+        "HM: harmonic mean of Local, Base and Novel. All in percent, final round.",
+        "",
+    ]
+    for setting, description in result["settings"].items():
+        methods, rows = _table(result, setting)
+        lines += [
+            f"## {setting}: {description}",
+            "",
+            "| method | Local | Base | Novel | Novel-G | HM |",
+            "|---|---|---|---|---|---|",
+        ]
+        best_hm = max(rows[m]["hm"][0] for m in methods)
+        for m in methods:
+            cells = []
+            for k in ("local_acc_mean", "base_acc_mean", "novel_acc_mean", "novel_global_acc_mean", "hm"):
+                mean, std = rows[m][k]
+                cell = "-" if mean != mean else f"{mean:.1f} ± {std:.1f}"
+                if k == "hm" and mean == best_hm:
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", f"![local accuracy per round](figures/accuracy_{setting}.png)", ""]
+        lines += [f"![per-client accuracy](figures/clients_{setting}.png)", ""]
+        lines += [f"![partition](figures/partition_{setting}.png)", ""]
+        lines += _checks(rows, methods)
+    return "\n".join(lines) + "\n"
+
+
+def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str]) -> list[str]:
+    """Plain statements of what the numbers show (computed, not written by hand)."""
+    out = []
+    if "zero-shot" in rows:
+        zs = rows["zero-shot"]["local_acc_mean"][0]
+        best = max(methods, key=lambda m: rows[m]["local_acc_mean"][0])
+        out.append(
+            f"- zero-shot Local {zs:.1f} % vs. best Local {rows[best]['local_acc_mean'][0]:.1f} % ({best})."
+        )
+    if "PromptFL" in rows:
+        pfl = rows["PromptFL"]["local_acc_mean"][0]
+        better = [m for m in ("Local", "FedPGP", "FLORA") if m in rows and rows[m]["local_acc_mean"][0] > pfl]
+        out.append(f"- personalised methods above PromptFL on Local: {', '.join(better) or 'none'}.")
+    if "FLORA" in rows:
+        hm = {m: rows[m]["hm"] for m in methods}
+        best = max(methods, key=lambda m: hm[m][0])
+        out.append(
+            f"- best HM: {best} ({hm[best][0]:.1f} ± {hm[best][1]:.1f}); FLORA {hm['FLORA'][0]:.1f} ± {hm['FLORA'][1]:.1f}."
+        )
+    return [*out, ""]
+
+
+def _plots(result: dict[str, Any], work: Path, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    for setting in result["settings"]:
+        runs = [r for r in result["runs"] if r["setting"] == setting]
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for m in methods:
+            curves = [r["curve"] for r in runs if r["method"] == m]
+            rounds = [x for x, _ in curves[0]]
+            acc = np.array([[y for _, y in c] for c in curves if len(c) == len(rounds)])
+            if len(rounds) == 1:
+                ax.axhline(acc.mean(), linestyle=":", label=m, color="gray")
+            else:
+                ax.plot(rounds, acc.mean(0), marker="o", markersize=3, label=m)
+        ax.set_xlabel("round")
+        ax.set_ylabel("local accuracy (%)")
+        ax.set_title(f"{setting}: local accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(figures / f"accuracy_{setting}.png")
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        data = [[a for r in runs if r["method"] == m for a in r["clients"]] for m in methods]
+        ax.boxplot(data, labels=methods)
+        ax.set_ylabel("final local accuracy per client (%)")
+        ax.set_title(f"{setting}: per-client accuracy (all seeds)")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(figures / f"clients_{setting}.png")
+        plt.close(fig)
+
+        manifest = json.loads((work / "data" / f"{setting}-s0" / "manifest.json").read_text())
+        counts = np.array([c["train_counts"] for c in manifest["clients"]])
+        fig, ax = plt.subplots(figsize=(8, 3), dpi=120)
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("base class (label)")
+        ax.set_ylabel("client")
+        ax.set_title(f"{setting}: training samples per client and class (seed 0)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(figures / f"partition_{setting}.png")
+        plt.close(fig)
+
+
+def run_speed(
+    out_dir: str = "docs",
+    work_dir: str = "runs/bench-speed",
+    rounds: int = 3,
+    devices: tuple[int, ...] = (1, 2),
+) -> dict[str, Any]:
+    """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    cfg = BenchConfig(rounds=rounds)
+    work = Path(work_dir)
+    rows = []
+    start = time.perf_counter()
+    for cache in ("memory", "off"):
+        for n_dev in devices:
+            dm = make_datamodule("label", 0, cfg, work)
+            dm.cache.mode = cache
+            name = f"speed-cache_{cache}-dev{n_dev}"
+            trainer = FederatedTrainer(
+                rounds=rounds,
+                seed=0,
+                accelerator="cpu" if not torch.cuda.is_available() else "auto",
+                devices=n_dev,
+                strategy="ddp_spawn" if n_dev > 1 else "auto",
+                output_dir=str(work / "runs"),
+                name=name,
+                progress=False,
+                loggers=[],
+                profile=True,
+            )
+            t0 = time.perf_counter()
+            trainer.fit(make_method("FLORA", cfg), dm)
+            wall = time.perf_counter() - t0
+            history = [
+                json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
+            ]
+            steady = history[1:] or history  # round 1 also fills the feature cache
+
+            def mean(key: str, rows: list[dict[str, Any]] = steady) -> float:
+                return statistics.fmean(r.get(key, 0.0) for r in rows)
+
+            row = {
+                "feature_cache": cache,
+                "devices": n_dev,
+                "round_s": mean("time_round_s"),
+                "train_s": mean("time_train_s"),
+                "image_s": mean("time_image_s"),
+                "text_s": mean("time_text_s"),
+                "optim_s": mean("time_optim_s"),
+                "aggregate_s": mean("time_aggregate_s"),
+                "eval_s": mean("time_eval_s"),
+                "first_round_s": history[0]["time_round_s"],
+                "images_per_s": statistics.fmean(
+                    r["samples_trained_rank0"] * n_dev / r["time_train_s"] for r in steady
+                ),
+                "fit_wall_s": wall,
+            }
+            rows.append(row)
+            console.print(
+                f"cache {cache:6s} devices {n_dev}: {row['round_s']:.2f} s/round, {row['images_per_s']:.0f} img/s",
+                soft_wrap=True,
+            )
+    result = {
+        "command": "flora bench speed",
+        "machine": machine(),
+        "seconds": time.perf_counter() - start,
+        "rounds": rounds,
+        "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performance.json").write_text(json.dumps(result, indent=1))
+    (out / "performance.md").write_text(_performance_markdown(result))
+    return result
+
+
+def _performance_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `flora bench speed` (`make bench`), as measured:",
+        "",
+        f"- machine: {result['machine']}",
+        f"- run time: {result['seconds']:.0f} s",
+        "- workload: FLORA on the label-skew synthetic setting (10 clients, 50 base classes, ~1,000",
+        f"  training images, base-to-novel evaluation every round), {result['rounds']} rounds; the table",
+        "  averages rounds 2.. (round 1 also encodes the images into the feature cache).",
+        "- image / text / optimiser are the training phase of rank 0 (backward pass + step under",
+        "  optimiser); with 2 devices each process trains half of the clients on one core.",
+        "  Images/s counts training images processed per second over all devices.",
+        "",
+        "| feature cache | devices | s / round | train | image tower | text tower | optimiser | aggregation | evaluation | first round | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['feature_cache']} | {r['devices']} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['image_s']:.2f} | "
+            f"{r['text_s']:.2f} | {r['optim_s']:.2f} | {r['aggregate_s']:.3f} | {r['eval_s']:.2f} | "
+            f"{r['first_round_s']:.2f} | {r['images_per_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""Benchmarks and pretraining on a miniature world: the commands produce what the docs are built from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flora.bench import BenchConfig, run_accuracy, run_speed
+from flora.clip import CLIPBackbone
+from flora.pretrain import PretrainConfig, pretrain_tiny
+
+SHIPPED = (
+    Path(__file__).resolve().parents[1] / "src" / "flora" / "clip" / "weights" / "flora-tiny.safetensors"
+)
+MINI = dict(num_colors=4, num_shapes=5, clip_pretrained=None)
+
+
+def test_pretraining_is_deterministic_and_loadable(tmp_path: Path) -> None:
+    cfg = PretrainConfig(steps=6, warmup=2, style_counts={"photo": 3, "dark": 2}, num_colors=3, num_shapes=3)
+    a = pretrain_tiny(tmp_path / "a.safetensors", cfg, progress=False)
+    b = pretrain_tiny(tmp_path / "b.safetensors", cfg, progress=False)
+    assert a["sha256"] == b["sha256"]
+    weights = load_file(str(tmp_path / "a.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    backbone = CLIPBackbone("flora-tiny", str(tmp_path / "a.safetensors"))
+    random_init = CLIPBackbone("flora-tiny", None, init_seed=0)
+    assert backbone.fingerprint() != random_init.fingerprint()  # the weights were really loaded
+    c = pretrain_tiny(
+        tmp_path / "c.safetensors", PretrainConfig(**{**cfg.__dict__, "seed": 1}), progress=False
+    )
+    assert c["sha256"] != a["sha256"]
+
+
+def test_shipped_weights_are_small_fp16_and_load() -> None:
+    assert SHIPPED.exists(), "the tiny CLIP weights must ship with the package"
+    assert SHIPPED.stat().st_size <= 20 * 2**20
+    backbone = CLIPBackbone("flora-tiny", "shipped")
+    assert backbone.embed_dim == 128
+
+
+@pytest.mark.slow
+def test_shipped_weights_match_the_command(tmp_path: Path) -> None:
+    """`flora pretrain-tiny` with its defaults reproduces the shipped file bit for bit (~10 min)."""
+    import hashlib
+
+    report = pretrain_tiny(tmp_path / "w.safetensors", PretrainConfig(), progress=False)
+    assert report["sha256"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+
+
+def test_bench_accuracy_writes_tables_and_figures(tmp_path: Path) -> None:
+    cfg = BenchConfig(rounds=2, **MINI)
+    result = run_accuracy(
+        str(tmp_path / "docs"),
+        str(tmp_path / "work"),
+        seeds=2,
+        settings=["label"],
+        methods=["zero-shot", "PromptFL", "FLORA"],
+        cfg=cfg,
+        progress=False,
+    )
+    assert len(result["runs"]) == 6
+    text = (tmp_path / "docs" / "results.md").read_text()
+    for method in ("zero-shot", "PromptFL", "FLORA"):
+        assert f"| {method} |" in text
+    flora = [r["final"]["hm"] for r in result["runs"] if r["method"] == "FLORA"]
+    assert f"{sum(flora) / 2:.1f} ±" in text  # the table is the mean over seeds of what the runs gave
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["runs"][0]["setting"] == "label"
+    for fig in ("accuracy_label.png", "clients_label.png", "partition_label.png"):
+        assert (tmp_path / "docs" / "figures" / fig).stat().st_size > 1000
+
+
+def test_bench_speed_reports_phases(tmp_path: Path) -> None:
+    result = run_speed(
+        str(tmp_path / "docs"), str(tmp_path / "work"), rounds=2, devices=[1], cfg=BenchConfig(**MINI)
+    )
+    rows = {r["feature_cache"]: r for r in result["rows"]}
+    assert set(rows) == {"memory", "off"}
+    assert rows["off"]["image_s"] > 0 and rows["memory"]["image_s"] == 0  # the cache skips the image tower
+    for r in rows.values():
+        assert r["text_s"] > 0 and r["optim_s"] > 0 and r["images_per_s"] > 0
+    assert "| memory | 1 |" in (tmp_path / "docs" / "performance.md").read_text()
