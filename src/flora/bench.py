@@ -305,7 +305,7 @@ def _plots(result: dict[str, Any], work: Path, figures: Path) -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         data = [[a for r in runs if r["method"] == m for a in r["clients"]] for m in methods]
-        ax.boxplot(data, labels=methods)
+        ax.boxplot(data, tick_labels=methods)
         ax.set_ylabel("final local accuracy per client (%)")
         ax.set_title(f"{setting}: per-client accuracy (all seeds)")
         ax.grid(alpha=0.3, axis="y")
@@ -330,13 +330,16 @@ def run_speed(
     out_dir: str = "docs",
     work_dir: str = "runs/bench-speed",
     rounds: int = 3,
-    devices: tuple[int, ...] = (1, 2),
+    devices: list[int] | None = None,
+    cfg: BenchConfig | None = None,
 ) -> dict[str, Any]:
     """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s."""
     from rich.console import Console
 
     console = Console(highlight=False)
-    cfg = BenchConfig(rounds=rounds)
+    devices = devices or [1, 2]
+    cfg = cfg or BenchConfig()
+    cfg.rounds = rounds
     work = Path(work_dir)
     rows = []
     start = time.perf_counter()
