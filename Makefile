@@ -8,7 +8,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-all: install
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+# Regenerates docs/results.md and docs/performance.md (offline; each states its own run time).
+bench: install
+	$(BIN)/flora bench accuracy
+	$(BIN)/flora bench speed
 
 clean:
 	rm -rf runs .pytest_cache build src/*.egg-info

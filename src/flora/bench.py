@@ -36,11 +36,12 @@ SETTINGS = {
 class BenchConfig:
     """Shared settings of every benchmark run (the same for all methods: nothing is tuned per method)."""
 
-    rounds: int = 10
-    local_epochs: int = 1
+    rounds: int = 6
+    local_epochs: int = 3
+    eval_every: int = 2
     n_ctx: int = 8
     rank: int = 4
-    lr: float = 0.01
+    lr: float = 0.03
     batch_size: int = 32
     num_colors: int = 10
     num_shapes: int = 10
@@ -135,6 +136,7 @@ def run_accuracy(
                 trainer = FederatedTrainer(
                     rounds=cfg.rounds,
                     local_epochs=cfg.local_epochs,
+                    eval_every=cfg.eval_every,
                     seed=seed,
                     output_dir=str(work / "runs"),
                     name=f"{setting}-{method}-s{seed}",
@@ -214,7 +216,8 @@ def _results_markdown(result: dict[str, Any]) -> str:
         f"- machine: {result['machine']}",
         f"- run time: {result['seconds'] / 60:.1f} min for {len(result['runs'])} runs",
         f"- seeds: {seeds} (partition, initialisation and sampling); mean ± std over seeds",
-        f"- every run: {cfg['rounds']} rounds, {cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, "
+        f"- every run: {cfg['rounds']} rounds, {cfg['local_epochs']} local epoch(s), evaluation every "
+        f"{cfg['eval_every']} rounds, batch {cfg['batch_size']}, "
         f"SGD lr {cfg['lr']} (momentum 0.9), n_ctx {cfg['n_ctx']}, rank {cfg['rank']} (FedPGP, FLORA), "
         "FLORA with a global adapter",
         f"- world: {cfg['num_colors']} colours x {cfg['num_shapes']} shapes = "

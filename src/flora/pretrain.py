@@ -62,10 +62,10 @@ class PretrainConfig:
         default_factory=lambda: {"photo": 120, "cartoon": 60, "sketch": 30, "noisy": 20, "dark": 10}
     )
     world_seed: int = 1000  # distinct from the benchmark worlds' seeds
-    steps: int = 3000
+    steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: int = 200
+    warmup: int = 100
     seed: int = 0
     threads: int = 2
 
