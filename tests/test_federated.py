@@ -228,6 +228,8 @@ def test_zero_shot_reference_equals_zero_shot_method(tmp_path: Path, tiny_root: 
     zs = _trainer(tmp_path / "b", rounds=1).fit(ZeroShotCLIP(), _dm(tiny_root))
     for key in ("local_acc_mean", "local_acc_pooled", "local_f1_mean"):
         assert ref["zero_shot"][key] == pytest.approx(zs["final"][key]), key
-    records = [json.loads(x) for x in (tmp_path / "a" / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x) for x in (tmp_path / "a" / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(records[-1]["local_acc_clients"]) == 4
     assert sum(records[-1]["local_acc_clients"]) / 4 == pytest.approx(records[-1]["local_acc_mean"])
