@@ -95,6 +95,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.manifest: dict[str, Any] | None = None
         self._transform: Callable[[Any], Tensor] | None = None
         self._train_transform: Callable[[Any], Tensor] | None = None
+        self._shared: dict[str, tuple[list[Any], np.ndarray]] = {}
 
     # ------------------------------------------------------------ preparation
     @property
@@ -205,13 +206,15 @@ class FederatedDataModule(L.LightningDataModule):
         return images, np.asarray(labels)
 
     def _read(self, client_id: int | str, split: str) -> tuple[list[Any], np.ndarray]:
-        if isinstance(client_id, str):  # a shared test set: "base" or "novel"
-            images, labels = read_global_samples(
-                self.root, self._require_manifest(), client_id, self.verify_shards
-            )
-            if client_id == "novel":
-                labels = labels - len(self.class_names)  # novel labels count from 0 in the novel task
-            return images, labels
+        if isinstance(client_id, str):  # a shared test set: "base" or "novel", read once per process
+            if client_id not in self._shared:
+                images, labels = read_global_samples(
+                    self.root, self._require_manifest(), client_id, self.verify_shards
+                )
+                if client_id == "novel":
+                    labels = labels - len(self.class_names)  # novel labels count from 0 in the novel task
+                self._shared[client_id] = (images, labels)
+            return self._shared[client_id]
         return self.read_split(client_id, split)
 
     def image_dataset(self, client_id: int | str, split: str, train: bool = False) -> Dataset:
