@@ -540,6 +540,15 @@ class FederatedTrainer:
         record.update(self.totals)
         self.history.append(record)
 
+    def _evaluate_initial(self, reporter: RunReporter) -> None:
+        """Evaluate the model before any training and record it as round 0."""
+        t0 = time.perf_counter()
+        metrics, _ = self._evaluate()
+        record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
+        record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
+        self._account(record)
+        reporter.round_done(record)
+
     def _fit(
         self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None
     ):
@@ -563,21 +572,11 @@ class FederatedTrainer:
         if not module.is_trainable:
             reporter.note(f"{type(module).__name__} has no trainable parameters: evaluating only")
             if not self.history:
-                t0 = time.perf_counter()
-                metrics, _ = self._evaluate()
-                record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
-                record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
-                self._account(record)
-                reporter.round_done(record)
+                self._evaluate_initial(reporter)
             self.completed_rounds = self.rounds
         else:
             if self.eval_before_training and not self.history:
-                t0 = time.perf_counter()
-                metrics, _ = self._evaluate()
-                record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
-                record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
-                self._account(record)
-                reporter.round_done(record)
+                self._evaluate_initial(reporter)
             for round_idx in range(self.completed_rounds, self.rounds):
                 reporter.round_start(round_idx, self.rounds, len(self.sampler.clients(round_idx)))
                 record = self._run_round(round_idx, reporter)
