@@ -92,3 +92,35 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
     for r in rows.values():
         assert r["text_s"] > 0 and r["optim_s"] > 0 and r["images_per_s"] > 0
     assert "| memory | 1 |" in (tmp_path / "docs" / "performance.md").read_text()
+
+
+def test_probe_measures_zero_shot_linear_probe_and_coop(tmp_path: Path) -> None:
+    from flora.probe import ProbeConfig, run_probe
+
+    cfg = ProbeConfig(
+        num_colors=3, num_shapes=3, train_per_class=8, test_per_class=6, styles=["photo", "dark"]
+    )
+    out = tmp_path / "backbone.md"
+    result = run_probe(config=cfg, output=str(out), progress=False)
+    assert set(result["styles"]) == {"photo", "dark"}
+    photo = result["styles"]["photo"]
+    assert photo["zero_shot"] > 100 / 9 + 20  # the shipped weights know the classes (chance 11 %)
+    assert all(0 <= v <= 100 for r in result["styles"].values() for v in r.values())
+    text = out.read_text()
+    assert f"| photo | {photo['zero_shot']:.1f} | {photo['linear_probe']:.1f} | {photo['coop']:.1f} |" in text
+    assert json.loads(out.with_suffix(".json").read_text())["styles"]["dark"] == result["styles"]["dark"]
+    # a random text tower knows nothing: zero-shot near chance, while a linear probe still fits the images
+    random = run_probe(clip_pretrained=None, config=cfg, output=None, progress=False)["styles"]["photo"]
+    assert random["zero_shot"] < photo["zero_shot"]
+    with pytest.raises(ValueError, match="unknown style"):
+        run_probe(config=ProbeConfig(styles=["watercolour"]), output=None, progress=False)
+
+
+def test_bench_probe_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flora.cli import main
+
+    out = tmp_path / "b.md"
+    args = ["bench", "probe", "--output", str(out), "--config.styles", "[sketch]", "--config.num_colors", "2"]
+    assert main(args + ["--config.num_shapes", "2", "--config.train_per_class", "4"]) == 0
+    assert "| sketch |" in out.read_text()
+    assert "flora probe: sketch" in capsys.readouterr().out

@@ -143,3 +143,37 @@ def test_crash_while_replacing_shards_leaves_no_stale_manifest(
     # the old manifest no longer points at the (now removed) shards: data must be re-prepared
     with pytest.raises(FloraDataError, match="manifest not found"):
         load_manifest(tmp_path / "a")
+
+
+def test_paths_with_brace_and_glob_characters(tmp_path: Path) -> None:
+    """A data root may contain characters that webdataset or glob would otherwise expand."""
+    root = tmp_path / "run{1,2}[a]" / "data"
+    manifest = _write(root)
+    images, labels = read_client_samples(root, manifest, 1, "train")
+    assert len(images) == manifest["clients"][1]["num_train"] == len(labels)
+
+
+def test_failed_or_killed_prepares_leave_no_temporary_folder(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # a temporary folder left by a process that no longer exists (e.g. killed mid-write)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.tmp-{int(dead.stdout)}"
+    (stale / "train").mkdir(parents=True)
+    live = tmp_path / f".a.tmp-{os.getppid()}"  # a running process's folder is left alone
+    live.mkdir()
+    _write(tmp_path / "a")
+    assert not stale.exists() and live.exists()
+
+    class Exploding(SyntheticShapes):
+        def image(self, split: str, index: int):  # type: ignore[no-untyped-def]
+            if index > 5:
+                raise RuntimeError("renderer failed")
+            return super().image(split, index)
+
+    with pytest.raises(RuntimeError, match="renderer failed"):
+        write_federated_shards(Exploding(**SOURCE), IID(num_clients=3), tmp_path / "b", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name])
+    assert load_manifest(tmp_path / "a")["num_clients"] == 3  # the earlier data is untouched

@@ -181,12 +181,17 @@ def pretrain_main(argv: Sequence[str]) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    """``flora bench accuracy | speed``: regenerate docs/results.md or docs/performance.md."""
+    """``flora bench accuracy | speed | probe``: regenerate docs/results.md, docs/performance.md or docs/backbone.md."""
     from jsonargparse import CLI
 
     from flora.bench import run_accuracy, run_speed
+    from flora.probe import run_probe
 
-    CLI({"accuracy": run_accuracy, "speed": run_speed}, args=list(argv), as_positional=False)
+    CLI(
+        {"accuracy": run_accuracy, "speed": run_speed, "probe": run_probe},
+        args=list(argv),
+        as_positional=False,
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ manifest that points at missing or half-written shards.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -96,70 +97,85 @@ def write_federated_shards(
     train_counts = part.counts("train", labels["train"])
     test_counts = part.counts("test", labels["test"])
 
+    _remove_stale_temporaries(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    for s in SPLITS:
-        (tmp / s).mkdir(parents=True)
-    clients = []
-    global_sets: dict[str, list[dict[str, Any]]] = {}
-    if base_novel:
-        (tmp / "global").mkdir(parents=True)
-        for name, mask in (("base", labels["test"] < len(base)), ("novel", labels["test"] >= len(base))):
-            global_sets[name] = _write_shards(
-                source, "test", np.flatnonzero(mask), labels["test"], tmp, f"global/{name}", maxcount
-            )
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"writing shards to {root}", total=part.num_clients)
-        for cid in range(part.num_clients):
-            entry: dict[str, Any] = {
-                "id": cid,
-                "num_train": int(len(part.train[cid])),
-                "num_test": int(len(part.test[cid])),
-                "train_counts": train_counts[cid].tolist(),
-                "test_counts": test_counts[cid].tolist(),
-                "shards": {},
-            }
-            if domains["train"] is not None:
-                entry["domains"] = sorted(set(np.asarray(domains["train"])[part.train[cid]].tolist()))
-            for s, idx in (("train", part.train[cid]), ("test", part.test[cid])):
-                entry["shards"][s] = _write_shards(
-                    source, s, idx, labels[s], tmp, f"{s}/client-{cid:05d}", maxcount
+    try:
+        for s in SPLITS:
+            (tmp / s).mkdir(parents=True)
+        clients = []
+        global_sets: dict[str, list[dict[str, Any]]] = {}
+        if base_novel:
+            (tmp / "global").mkdir(parents=True)
+            for name, mask in (("base", labels["test"] < len(base)), ("novel", labels["test"] >= len(base))):
+                global_sets[name] = _write_shards(
+                    source, "test", np.flatnonzero(mask), labels["test"], tmp, f"global/{name}", maxcount
                 )
-            clients.append(entry)
-            bar.advance(task)
+        from rich.progress import Progress
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": _jsonable(source.describe()),
-        "class_names": list(source.class_names),
-        "partition": _jsonable(partitioner.describe()),
-        "seed": partitioner.seed,
-        "num_clients": part.num_clients,
-        "num_classes": source.num_classes,
-        "base_novel": base_novel,
-        "clients": clients,
-    }
-    if base_novel:
-        manifest["base_classes"] = [source.class_names[k] for k in base]
-        manifest["novel_classes"] = [source.class_names[k] for k in novel]
-        manifest["global"] = global_sets
-    root.mkdir(parents=True, exist_ok=True)
-    # drop the old manifest before touching its shards: a crash below leaves no manifest
-    # (so the data is re-prepared) rather than one that points at replaced or deleted shards
-    (root / "manifest.json").unlink(missing_ok=True)
-    for s in (*SPLITS, "global"):
-        if (root / s).exists():
-            shutil.rmtree(root / s)
-        if (tmp / s).exists():
-            os.replace(tmp / s, root / s)
-    manifest_tmp = root / f"manifest.json.tmp{os.getpid()}"
-    manifest_tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(manifest_tmp, root / "manifest.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"writing shards to {root}", total=part.num_clients)
+            for cid in range(part.num_clients):
+                entry: dict[str, Any] = {
+                    "id": cid,
+                    "num_train": int(len(part.train[cid])),
+                    "num_test": int(len(part.test[cid])),
+                    "train_counts": train_counts[cid].tolist(),
+                    "test_counts": test_counts[cid].tolist(),
+                    "shards": {},
+                }
+                if domains["train"] is not None:
+                    entry["domains"] = sorted(set(np.asarray(domains["train"])[part.train[cid]].tolist()))
+                for s, idx in (("train", part.train[cid]), ("test", part.test[cid])):
+                    entry["shards"][s] = _write_shards(
+                        source, s, idx, labels[s], tmp, f"{s}/client-{cid:05d}", maxcount
+                    )
+                clients.append(entry)
+                bar.advance(task)
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": _jsonable(source.describe()),
+            "class_names": list(source.class_names),
+            "partition": _jsonable(partitioner.describe()),
+            "seed": partitioner.seed,
+            "num_clients": part.num_clients,
+            "num_classes": source.num_classes,
+            "base_novel": base_novel,
+            "clients": clients,
+        }
+        if base_novel:
+            manifest["base_classes"] = [source.class_names[k] for k in base]
+            manifest["novel_classes"] = [source.class_names[k] for k in novel]
+            manifest["global"] = global_sets
+        root.mkdir(parents=True, exist_ok=True)
+        # drop the old manifest before touching its shards: a crash below leaves no manifest
+        # (so the data is re-prepared) rather than one that points at replaced or deleted shards
+        (root / "manifest.json").unlink(missing_ok=True)
+        for s in (*SPLITS, "global"):
+            if (root / s).exists():
+                shutil.rmtree(root / s)
+            if (tmp / s).exists():
+                os.replace(tmp / s, root / s)
+        manifest_tmp = root / f"manifest.json.tmp{os.getpid()}"
+        manifest_tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(manifest_tmp, root / "manifest.json")
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete the temporary folders of earlier prepares of ``root`` whose process is gone."""
+    for stale in root.parent.glob(glob.escape(f".{root.name}.tmp-") + "*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours, or a live process of another user
 
 
 def _write_shards(
@@ -269,7 +285,10 @@ def read_shards(
         n_before = len(labels)
         try:
             # each process reads whole clients, so no node/worker splitting of a client's shards
-            ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=_every_shard)
+            # a list (not a string) so that braces in the path are not expanded as shard ranges
+            ds = wds.WebDataset(
+                [str(path.resolve())], shardshuffle=False, empty_check=False, nodesplitter=_every_shard
+            )
             for sample in ds:
                 img = Image.open(io.BytesIO(sample["png"]))
                 img.load()
