@@ -124,3 +124,13 @@ def test_bench_probe_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(args + ["--config.num_shapes", "2", "--config.train_per_class", "4"]) == 0
     assert "| sketch |" in out.read_text()
     assert "flora probe: sketch" in capsys.readouterr().out
+
+
+def test_bench_data_folders_follow_the_world(tmp_path: Path) -> None:
+    from flora.bench import make_datamodule
+
+    a = make_datamodule("feature", 0, BenchConfig(), tmp_path).root
+    assert make_datamodule("feature", 0, BenchConfig(), tmp_path).root == a
+    # another world (or seed) never reuses shards prepared for this one
+    assert make_datamodule("feature", 0, BenchConfig(num_colors=4), tmp_path).root != a
+    assert make_datamodule("feature", 1, BenchConfig(), tmp_path).root != a

@@ -159,7 +159,9 @@ def test_failed_or_killed_prepares_leave_no_temporary_folder(tmp_path: Path) -> 
     import sys
 
     # a temporary folder left by a process that no longer exists (e.g. killed mid-write)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     stale = tmp_path / f".a.tmp-{int(dead.stdout)}"
     (stale / "train").mkdir(parents=True)
     live = tmp_path / f".a.tmp-{os.getppid()}"  # a running process's folder is left alone

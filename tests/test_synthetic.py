@@ -40,3 +40,32 @@ def test_bad_arguments_are_clear() -> None:
         SyntheticShapes(styles=["oil painting"])
     with pytest.raises(ValueError, match="num_colors"):
         SyntheticShapes(num_colors=1000)
+
+
+def _mean_fill(style: str, color: str) -> np.ndarray:
+    """Mean pixel of a style's rendering when the shape covers the whole image."""
+    from PIL import Image
+
+    from flora.data.synthetic import COLORS, STYLES
+
+    mask = Image.new("L", (128, 128), 255)
+    rgb = np.asarray(COLORS[color], np.float32)
+    return STYLES[style](np.random.default_rng(0), rgb, mask, 32).reshape(-1, 3).mean(0)
+
+
+def test_lighting_styles_shift_what_colour_names_look_like() -> None:
+    photo = {c: _mean_fill("photo", c) for c in ("yellow", "orange", "pink", "red")}
+    # under the warm lamp a yellow shape looks like a photo of an orange one
+    dark_yellow = _mean_fill("dark", "yellow")
+    assert np.linalg.norm(
+        dark_yellow / dark_yellow.max() - photo["orange"] / photo["orange"].max()
+    ) < np.linalg.norm(dark_yellow / dark_yellow.max() - photo["yellow"] / photo["yellow"].max())
+    # and everything is dim
+    assert _mean_fill("dark", "pink").max() < 0.8 * photo["pink"].max()
+    # the cheap camera's cold white balance: less red, relative to blue, than the photo
+    noisy_pink = _mean_fill("noisy", "pink")
+    assert noisy_pink[0] / noisy_pink[2] < 0.75 * photo["pink"][0] / photo["pink"][2]
+    # photo and cartoon keep the colour's hue
+    for style in ("photo", "cartoon"):
+        fill = _mean_fill(style, "yellow")
+        assert fill[2] < 0.4 * fill[1]

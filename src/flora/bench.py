@@ -7,6 +7,7 @@ tables are whatever the runs give.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -63,10 +64,17 @@ def _world(setting: str, cfg: BenchConfig) -> tuple[SyntheticShapes, type[Partit
 
 def make_datamodule(setting: str, seed: int, cfg: BenchConfig, root: Path) -> FederatedDataModule:
     ds, part_cls, kwargs = _world(setting, cfg)
+    partition = part_cls(seed=seed, **kwargs)
+    # the folder name carries a digest of the world, so a changed world (other sizes, or a
+    # new renderer version) gets fresh shards instead of clashing with old ones
+    world = json.dumps(
+        {"dataset": ds.describe(), "partition": partition.describe()}, sort_keys=True, default=str
+    )
+    digest = hashlib.sha256(world.encode()).hexdigest()[:10]
     return FederatedDataModule(
-        str(root / "data" / f"{setting}-s{seed}"),
+        str(root / "data" / f"{setting}-s{seed}-{digest}"),
         ds,
-        part_cls(seed=seed, **kwargs),
+        partition,
         batch_size=cfg.batch_size,
         feature_cache="disk",
         base_novel=True,
@@ -159,6 +167,7 @@ def run_accuracy(
                         ],
                         "clients": history[-1].get("local_acc_clients", []),
                         "seconds": time.perf_counter() - t0,
+                        "data": str(dm.root),
                     }
                 )
                 if progress:
@@ -182,7 +191,7 @@ def run_accuracy(
     (out / "results.json").write_text(json.dumps(result, indent=1))
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    _plots(result, work, figures)
+    _plots(result, figures)
     (out / "results.md").write_text(_results_markdown(result))
     return result
 
@@ -278,7 +287,7 @@ def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str])
     return [*out, ""]
 
 
-def _plots(result: dict[str, Any], work: Path, figures: Path) -> None:
+def _plots(result: dict[str, Any], figures: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,13 +325,14 @@ def _plots(result: dict[str, Any], work: Path, figures: Path) -> None:
         fig.savefig(figures / f"clients_{setting}.png")
         plt.close(fig)
 
-        manifest = json.loads((work / "data" / f"{setting}-s0" / "manifest.json").read_text())
+        first = min(runs, key=lambda r: r["seed"])
+        manifest = json.loads((Path(first["data"]) / "manifest.json").read_text())
         counts = np.array([c["train_counts"] for c in manifest["clients"]])
         fig, ax = plt.subplots(figsize=(8, 3), dpi=120)
         im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("base class (label)")
         ax.set_ylabel("client")
-        ax.set_title(f"{setting}: training samples per client and class (seed 0)")
+        ax.set_title(f"{setting}: training samples per client and class (seed {first['seed']})")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(figures / f"partition_{setting}.png")

@@ -31,7 +31,7 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("train", "test")
 
 #: Bump whenever the renderer changes its output, so stale prepared shards are detected.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 #: Available colours, in label order.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -294,16 +294,22 @@ def _style_photo(rng: np.random.Generator, rgb: np.ndarray, mask: Image.Image, s
 
 
 def _style_noisy(rng: np.random.Generator, rgb: np.ndarray, mask: Image.Image, size: int) -> np.ndarray:
-    """A photo with strong sensor noise."""
-    out = _photo_layers(rng, rgb, mask, size, 35.0, 225.0)
+    """A cheap-camera photo: strong sensor noise and a cold white balance."""
+    out = _photo_layers(rng, rgb, mask, size, 35.0, 225.0) * _COLD
     return _to_uint8(out + rng.normal(0.0, 32.0, out.shape).astype(np.float32))
 
 
+#: white balance of the noisy style's camera (cold: red muted, blue boosted)
+_COLD = np.array([0.6, 0.85, 1.1], np.float32)
+#: colour of the lamp light in the dark style (dim and warm: blue almost gone)
+_LAMP = np.array([0.75, 0.5, 0.25], np.float32)
+
+
 def _style_dark(rng: np.random.Generator, rgb: np.ndarray, mask: Image.Image, size: int) -> np.ndarray:
-    """A dim photo on a dark background with a faint rim light."""
-    out = _photo_layers(rng, rgb * 0.8, mask, size, 5.0, 45.0)
+    """A dim night photo under warm street-lamp light: every colour takes the lamp's cast."""
+    out = _photo_layers(rng, rgb * _LAMP, mask, size, 5.0, 45.0)
     rim = _downsample(_edge(mask, mask.filter(ImageFilter.MinFilter(5))), size)
-    return _to_uint8(out * 0.85 + rim[..., None] * 70.0)
+    return _to_uint8(out * 0.85 + rim[..., None] * (70.0 * _LAMP))
 
 
 def _style_sketch(rng: np.random.Generator, rgb: np.ndarray, mask: Image.Image, size: int) -> np.ndarray:
