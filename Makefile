@@ -32,10 +32,11 @@ lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-# Regenerates docs/backbone.md, docs/results.md and docs/performance.md (offline; each states its own run time).
+# Regenerates docs/backbone.md, docs/results.md, docs/ablation.md and docs/performance.md (offline; each states its own run time).
 bench: install
 	$(BIN)/flora bench probe
 	$(BIN)/flora bench accuracy
+	$(BIN)/flora bench ablation
 	$(BIN)/flora bench speed
 
 clean:

@@ -134,3 +134,41 @@ def test_bench_data_folders_follow_the_world(tmp_path: Path) -> None:
     # another world (or seed) never reuses shards prepared for this one
     assert make_datamodule("feature", 0, BenchConfig(num_colors=4), tmp_path).root != a
     assert make_datamodule("feature", 1, BenchConfig(), tmp_path).root != a
+
+
+def test_bench_ablation_changes_one_component(tmp_path: Path) -> None:
+    from flora.bench import run_ablation
+
+    cfg = BenchConfig(rounds=1, local_epochs=1, eval_every=1, **MINI)
+    result = run_ablation(
+        str(tmp_path / "docs"),
+        str(tmp_path / "work"),
+        seeds=1,
+        settings=["label"],
+        variants=["FLORA", "adapter none", "FedPGP"],
+        cfg=cfg,
+        progress=False,
+    )
+    assert [r["method"] for r in result["runs"]] == ["FLORA", "adapter none", "FedPGP"]
+    # the variants really are different models trained from the same seed
+    finals = {r["method"]: r["final"] for r in result["runs"]}
+    assert finals["FLORA"] != finals["adapter none"]
+    text = (tmp_path / "docs" / "ablation.md").read_text()
+    assert "| adapter none | `adapter=none` |" in text
+    delta = finals["adapter none"]["hm"] - finals["FLORA"]["hm"]
+    assert f"| {delta:+.1f} |" in text  # HM difference against the reference row
+    assert "- HM above FLORA's by more than the std:" in text
+    assert json.loads((tmp_path / "docs" / "ablation.json").read_text())["command"] == "flora bench ablation"
+    with pytest.raises(ValueError, match="unknown ablation variant"):
+        run_ablation(str(tmp_path / "docs"), str(tmp_path / "work"), variants=["adapter sideways"], cfg=cfg)
+
+
+def test_bench_ablation_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flora.cli import main
+
+    args = ["bench", "ablation", "--out_dir", str(tmp_path / "docs"), "--work_dir", str(tmp_path / "w")]
+    args += ["--seeds", "1", "--settings", "[label]", "--variants", "[mu 0]", "--cfg.rounds", "1"]
+    args += ["--cfg.local_epochs", "1", "--cfg.num_colors", "4", "--cfg.num_shapes", "5"]
+    assert main([*args, "--cfg.clip_pretrained", "null"]) == 0
+    assert "| mu 0 | `mu=0.0` |" in (tmp_path / "docs" / "ablation.md").read_text()
+    assert "[1/1] label    seed 0 mu 0" in capsys.readouterr().out

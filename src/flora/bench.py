@@ -1,4 +1,4 @@
-"""``flora bench accuracy | speed``: the benchmark tables of docs/results.md and docs/performance.md.
+"""``flora bench accuracy | ablation | speed``: the tables of docs/results.md, docs/ablation.md and docs/performance.md.
 
 Everything runs offline on the synthetic captioned-shapes world with the shipped tiny
 CLIP. Each run is an ordinary :class:`~flora.federated.FederatedTrainer` fit; the
@@ -81,20 +81,33 @@ def make_datamodule(setting: str, seed: int, cfg: BenchConfig, root: Path) -> Fe
     )
 
 
-def make_method(name: str, cfg: BenchConfig) -> FederatedPromptModule:
+def make_method(name: str, cfg: BenchConfig, **overrides: Any) -> FederatedPromptModule:
+    """The benchmark's instance of method ``name``; ``overrides`` change its constructor arguments."""
     common = {"clip_model": "flora-tiny", "clip_pretrained": cfg.clip_pretrained}
     prompt = {**common, "n_ctx": cfg.n_ctx, "lr": cfg.lr}
     if name == "zero-shot":
-        return ZeroShotCLIP(**common)
+        return ZeroShotCLIP(**common, **overrides)
     if name == "Local":
-        return LocalCoOp(**prompt)
+        return LocalCoOp(**prompt, **overrides)
     if name == "PromptFL":
-        return PromptFL(**prompt)
+        return PromptFL(**prompt, **overrides)
     if name == "FedPGP":
-        return FedPGP(rank=cfg.rank, **prompt)
+        return FedPGP(**{"rank": cfg.rank, **prompt, **overrides})
     if name == "FLORA":
-        return FLORA(rank=cfg.rank, **prompt)
+        return FLORA(**{"rank": cfg.rank, **prompt, **overrides})
     raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+
+
+# FLORA's components, one change at a time against the benchmark's FLORA (first row)
+ABLATIONS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "FLORA": ("FLORA", {}, "as in the accuracy benchmark: global adapter, mu 1, ortho_weight 0.1"),
+    "adapter local": ("FLORA", {"adapter": "local"}, "the image adapter stays on each client"),
+    "adapter none": ("FLORA", {"adapter": "none"}, "no image adapter"),
+    "mu 0": ("FLORA", {"mu": 0.0}, "no contrastive term"),
+    "mu 10": ("FLORA", {"mu": 10.0}, "ten times the contrastive weight"),
+    "ortho 0": ("FLORA", {"ortho_weight": 0.0}, "no orthogonality penalty on B"),
+    "FedPGP": ("FedPGP", {}, "FedPGP: free U V, negative pair (zG, zP), no adapter, no orthogonality"),
+}
 
 
 def machine() -> str:
@@ -114,6 +127,47 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _run(
+    setting: str, seed: int, label: str, module: FederatedPromptModule, cfg: BenchConfig, work: Path
+) -> dict[str, Any]:
+    """One federated fit of ``module`` on ``setting`` with ``seed``; returns the record the tables read."""
+    t0 = time.perf_counter()
+    dm = make_datamodule(setting, seed, cfg, work)
+    name = f"{setting}-{label.replace(' ', '_')}-s{seed}"
+    trainer = FederatedTrainer(
+        rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs,
+        eval_every=cfg.eval_every,
+        seed=seed,
+        output_dir=str(work / "runs"),
+        name=name,
+        progress=False,
+        loggers=[],
+    )
+    summary = trainer.fit(module, dm)
+    history = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "setting": setting,
+        "seed": seed,
+        "method": label,
+        "final": summary["final"],
+        "curve": [(r["round"], r["local_acc_mean"]) for r in history if "local_acc_mean" in r],
+        "clients": history[-1].get("local_acc_clients", []),
+        "seconds": time.perf_counter() - t0,
+        "data": str(dm.root),
+    }
+
+
+def _print_run(console: Any, run: dict[str, Any], done: int, total: int) -> None:
+    f = run["final"]
+    console.print(
+        f"[{done}/{total}] {run['setting']:8s} seed {run['seed']} {run['method']:13s} "
+        f"local {f['local_acc_mean']:6.2f} base {f['base_acc_mean']:6.2f} novel {f['novel_acc_mean']:6.2f} "
+        f"HM {f['hm']:6.2f} ({run['seconds']:.0f} s)",
+        soft_wrap=True,
+    )
 
 
 def run_accuracy(
@@ -139,45 +193,9 @@ def run_accuracy(
     for setting in settings:
         for seed in range(seeds):
             for method in methods:
-                t0 = time.perf_counter()
-                dm = make_datamodule(setting, seed, cfg, work)
-                trainer = FederatedTrainer(
-                    rounds=cfg.rounds,
-                    local_epochs=cfg.local_epochs,
-                    eval_every=cfg.eval_every,
-                    seed=seed,
-                    output_dir=str(work / "runs"),
-                    name=f"{setting}-{method}-s{seed}",
-                    progress=False,
-                    loggers=[],
-                )
-                summary = trainer.fit(make_method(method, cfg), dm)
-                history = [
-                    json.loads(x)
-                    for x in (work / "runs" / trainer.name / "metrics.jsonl").read_text().splitlines()
-                ]
-                runs.append(
-                    {
-                        "setting": setting,
-                        "seed": seed,
-                        "method": method,
-                        "final": summary["final"],
-                        "curve": [
-                            (r["round"], r["local_acc_mean"]) for r in history if "local_acc_mean" in r
-                        ],
-                        "clients": history[-1].get("local_acc_clients", []),
-                        "seconds": time.perf_counter() - t0,
-                        "data": str(dm.root),
-                    }
-                )
+                runs.append(_run(setting, seed, method, make_method(method, cfg), cfg, work))
                 if progress:
-                    f = summary["final"]
-                    console.print(
-                        f"[{len(runs)}/{total}] {setting:8s} seed {seed} {method:9s} local {f['local_acc_mean']:6.2f} "
-                        f"base {f['base_acc_mean']:6.2f} novel {f['novel_acc_mean']:6.2f} HM {f['hm']:6.2f} "
-                        f"({runs[-1]['seconds']:.0f} s)",
-                        soft_wrap=True,
-                    )
+                    _print_run(console, runs[-1], len(runs), total)
     elapsed = time.perf_counter() - start
     result = {
         "command": "flora bench accuracy",
@@ -211,6 +229,126 @@ def _table(
         finals = [r["final"] for r in result["runs"] if r["setting"] == setting and r["method"] == m]
         rows[m] = {k: _mean_std([f[k] for f in finals if k in f]) for k in keys}
     return methods, rows
+
+
+def run_ablation(
+    out_dir: str = "docs",
+    work_dir: str = "runs/bench",
+    seeds: int = 3,
+    settings: list[str] | None = None,
+    variants: list[str] | None = None,
+    cfg: BenchConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FLORA with one component changed at a time; writes ``ablation.md`` and ``ablation.json`` into ``out_dir``.
+
+    ``variants`` are names from :data:`ABLATIONS` (default: all); ``settings`` default to label skew and feature shift.
+    """
+    from rich.console import Console
+
+    cfg = cfg or BenchConfig()
+    settings = settings or ["label", "feature"]
+    variants = variants or list(ABLATIONS)
+    unknown = [v for v in variants if v not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {list(ABLATIONS)}")
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
+    console = Console(highlight=False)
+    work = Path(work_dir)
+    runs: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    total = len(settings) * seeds * len(variants)
+    for setting in settings:
+        for seed in range(seeds):
+            for variant in variants:
+                method, overrides, _ = ABLATIONS[variant]
+                module = make_method(method, cfg, **overrides)
+                runs.append(_run(setting, seed, f"ablation {variant}", module, cfg, work))
+                runs[-1]["method"] = variant
+                if progress:
+                    _print_run(console, runs[-1], len(runs), total)
+    result = {
+        "command": "flora bench ablation",
+        "machine": machine(),
+        "seconds": time.perf_counter() - start,
+        "config": cfg.__dict__,
+        "settings": {s: SETTINGS[s] for s in settings},
+        "variants": {
+            v: {"method": ABLATIONS[v][0], "overrides": ABLATIONS[v][1], "description": ABLATIONS[v][2]}
+            for v in variants
+        },
+        "runs": runs,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    (out / "ablation.md").write_text(_ablation_markdown(result))
+    return result
+
+
+def _ablation_markdown(result: dict[str, Any]) -> str:
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    cfg = result["config"]
+    lines = [
+        "# FLORA ablation (synthetic world, tiny CLIP)",
+        "",
+        "Generated by `flora bench ablation` (`make bench`); every number below is from that",
+        "command, as measured. Each row changes one thing against the first row, which is FLORA",
+        "exactly as run by `flora bench accuracy` (see results.md for the setting details).",
+        "",
+        f"- machine: {result['machine']}",
+        f"- run time: {result['seconds'] / 60:.1f} min for {len(result['runs'])} runs",
+        f"- seeds: {seeds}; mean ± std over seeds",
+        f"- every run: {cfg['rounds']} rounds, {cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, "
+        f"SGD lr {cfg['lr']} (momentum 0.9), n_ctx {cfg['n_ctx']}, rank {cfg['rank']}",
+        "",
+        "Local: each client's own test split; Base: the whole base-class test set; Novel: the",
+        "novel-class test set with the personalised model (Novel-G: with the global prompt alone);",
+        "HM: harmonic mean of Local, Base and Novel. All in percent, final round.",
+        "",
+        "| variant | change | meaning |",
+        "|---|---|---|",
+    ]
+    for v, spec in result["variants"].items():
+        change = ", ".join(f"`{k}={val}`" for k, val in spec["overrides"].items()) or "-"
+        if spec["method"] != "FLORA":
+            change = f"`{spec['method']}` instead of FLORA"
+        lines.append(f"| {v} | {change} | {spec.get('description', '')} |")
+    lines.append("")
+    keys = ("local_acc_mean", "base_acc_mean", "novel_acc_mean", "novel_global_acc_mean", "hm")
+    for setting, description in result["settings"].items():
+        variants, rows = _table(result, setting)
+        reference = rows.get("FLORA")
+        lines += [
+            f"## {setting}: {description}",
+            "",
+            "| variant | Local | Base | Novel | Novel-G | HM | HM vs FLORA |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v in variants:
+            cells = []
+            for k in keys:
+                mean, std = rows[v][k]
+                cells.append("-" if mean != mean else f"{mean:.1f} ± {std:.1f}")
+            delta = (
+                "-" if reference is None or v == "FLORA" else f"{rows[v]['hm'][0] - reference['hm'][0]:+.1f}"
+            )
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {delta} |")
+        lines.append("")
+        if reference is not None:
+            # computed statements: a variant counts as above/below FLORA when the gap exceeds both stds
+            ref_mean, ref_std = reference["hm"]
+            margin = {v: max(ref_std, rows[v]["hm"][1]) for v in variants if v != "FLORA"}
+            above = [v for v in margin if rows[v]["hm"][0] - ref_mean > margin[v]]
+            below = [v for v in margin if ref_mean - rows[v]["hm"][0] > margin[v]]
+            lines += [
+                f"- HM above FLORA's by more than the std: {', '.join(above) or 'none'}.",
+                f"- HM below FLORA's by more than the std: {', '.join(below) or 'none'}.",
+                "",
+            ]
+    return "\n".join(lines) + "\n"
 
 
 def _results_markdown(result: dict[str, Any]) -> str:
@@ -283,6 +421,9 @@ def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str])
         best = max(methods, key=lambda m: hm[m][0])
         out.append(
             f"- best HM: {best} ({hm[best][0]:.1f} ± {hm[best][1]:.1f}); FLORA {hm['FLORA'][0]:.1f} ± {hm['FLORA'][1]:.1f}."
+        )
+        out.append(
+            "- FLORA with one component changed at a time: [ablation.md](ablation.md) (`flora bench ablation`)."
         )
     return [*out, ""]
 

@@ -181,14 +181,14 @@ def pretrain_main(argv: Sequence[str]) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    """``flora bench accuracy | speed | probe``: regenerate docs/results.md, docs/performance.md or docs/backbone.md."""
+    """``flora bench accuracy | ablation | speed | probe``: regenerate one of the benchmark documents in docs/."""
     from jsonargparse import CLI
 
-    from flora.bench import run_accuracy, run_speed
+    from flora.bench import run_ablation, run_accuracy, run_speed
     from flora.probe import run_probe
 
     CLI(
-        {"accuracy": run_accuracy, "speed": run_speed, "probe": run_probe},
+        {"accuracy": run_accuracy, "ablation": run_ablation, "speed": run_speed, "probe": run_probe},
         args=list(argv),
         as_positional=False,
     )
