@@ -244,7 +244,7 @@ def test_checkpoint_restores_flora_local_tensors(tmp_path: Path, tiny_bn_root: P
         assert torch.equal(a.optim["state"][0]["momentum_buffer"], b.optim["state"][0]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("name", ["flora", "fedpgp", "promptfl"])
+@pytest.mark.parametrize("name", ["flora", "fedpgp", "promptfl", "promptfl_ft", "promptamp", "pfedprompt"])
 def test_synthetic_configs_finish_with_full_protocol(tmp_path: Path, name: str) -> None:
     proc = subprocess.run(
         [

@@ -23,9 +23,34 @@ from flora.data import Dirichlet, Domains, FederatedDataModule, SyntheticShapes
 from flora.data.partition import Partitioner
 from flora.data.synthetic import STYLES
 from flora.federated import FederatedTrainer
-from flora.methods import FLORA, FederatedPromptModule, FedPGP, LocalCoOp, PromptFL, ZeroShotCLIP
+from flora.methods import (
+    FLORA,
+    FederatedPromptModule,
+    FedPGP,
+    LocalCoOp,
+    PFedPrompt,
+    PromptAMP,
+    PromptFL,
+    PromptFLFT,
+    PromptPer,
+    PromptProx,
+    ZeroShotCLIP,
+)
 
-METHODS = ("zero-shot", "Local", "PromptFL", "FedPGP", "FLORA")
+METHODS = (
+    "zero-shot",
+    "Local",
+    "PromptFL",
+    "PromptFL+FT",
+    "PromptPer",
+    "PromptProx",
+    "PromptAMP",
+    "pFedPrompt",
+    "FedPGP",
+    "FLORA",
+)
+#: methods with a per-client model (compared with PromptFL on Local accuracy)
+PERSONALISED = ("Local", "PromptFL+FT", "PromptPer", "PromptAMP", "pFedPrompt", "FedPGP", "FLORA")
 SETTINGS = {
     "label": "label skew: Dirichlet(0.1) over 10 clients, photo style only",
     "feature": "feature shift: one style per client (5 clients: photo, sketch, cartoon, noisy, dark)",
@@ -91,6 +116,17 @@ def make_method(name: str, cfg: BenchConfig, **overrides: Any) -> FederatedPromp
         return LocalCoOp(**prompt, **overrides)
     if name == "PromptFL":
         return PromptFL(**prompt, **overrides)
+    if name == "PromptFL+FT":
+        return PromptFLFT(**prompt, **overrides)
+    if name == "PromptPer":
+        split = {"n_global": cfg.n_ctx - cfg.n_ctx // 2, "n_local": cfg.n_ctx // 2}
+        return PromptPer(**{**common, "lr": cfg.lr, **split, **overrides})
+    if name == "PromptProx":
+        return PromptProx(**prompt, **overrides)
+    if name == "PromptAMP":
+        return PromptAMP(**prompt, **overrides)
+    if name == "pFedPrompt":
+        return PFedPrompt(**prompt, **overrides)
     if name == "FedPGP":
         return FedPGP(**{"rank": cfg.rank, **prompt, **overrides})
     if name == "FLORA":
@@ -367,6 +403,10 @@ def _results_markdown(result: dict[str, Any]) -> str:
         f"{cfg['eval_every']} rounds, batch {cfg['batch_size']}, "
         f"SGD lr {cfg['lr']} (momentum 0.9), n_ctx {cfg['n_ctx']}, rank {cfg['rank']} (FedPGP, FLORA), "
         "FLORA with a global adapter",
+        f"- method defaults otherwise: PromptPer {cfg['n_ctx'] - cfg['n_ctx'] // 2} global + {cfg['n_ctx'] // 2} "
+        "local tokens; PromptFL+FT 1 fine-tuning epoch before each evaluation; PromptProx mu 0.5; PromptAMP "
+        "lam 1, self-weight 0.5, sigma the median distance; pFedPrompt alpha 1, beta 5.5, patch-feature "
+        "memory; FedPGP and FLORA mu 1, tau 0.5",
         f"- world: {cfg['num_colors']} colours x {cfg['num_shapes']} shapes = "
         f"{cfg['num_colors'] * cfg['num_shapes']} classes; base-to-novel protocol: clients train on the "
         f"first {(cfg['num_colors'] * cfg['num_shapes'] + 1) // 2} classes (Local and Base are over these), "
@@ -414,7 +454,7 @@ def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str])
         )
     if "PromptFL" in rows:
         pfl = rows["PromptFL"]["local_acc_mean"][0]
-        better = [m for m in ("Local", "FedPGP", "FLORA") if m in rows and rows[m]["local_acc_mean"][0] > pfl]
+        better = [m for m in PERSONALISED if m in rows and rows[m]["local_acc_mean"][0] > pfl]
         out.append(f"- personalised methods above PromptFL on Local: {', '.join(better) or 'none'}.")
     if "FLORA" in rows:
         hm = {m: rows[m]["hm"] for m in methods}

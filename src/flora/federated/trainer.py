@@ -262,6 +262,7 @@ class FederatedTrainer:
         module.reset_global_parameters(gen)
         self.global_state: StateDict = module.global_state()
         self.completed_rounds = 0
+        self._optim_time = 0.0
         self.history: list[dict[str, Any]] = []
         self.zero_shot: dict[str, Any] | None = None
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_time_s": 0.0}
@@ -341,10 +342,13 @@ class FederatedTrainer:
         self.totals = dict(ckpt["totals"])
 
     # ---------------------------------------------------------------- client
-    def _prepare_client(self, client_id: int) -> ClientState | None:
-        """Load the global download and the client's local state into the module."""
+    def _prepare_client(self, client_id: int, for_eval: bool = False) -> ClientState | None:
+        """Load the global download (or the evaluation state) and the client's local state into the module."""
         module = self.module
-        module.load_global_state(module.download_state(client_id, self.global_state))
+        if for_eval:
+            module.load_global_state(module.evaluation_state(client_id, self.global_state))
+        else:
+            module.load_global_state(module.download_state(client_id, self.global_state))
         state = self.store.get(client_id)
         if state is None:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, client_id))
@@ -353,46 +357,62 @@ class FederatedTrainer:
             module.load_local_state(state.local)
         return state
 
-    def _train_client(self, client_id: int, round_idx: int) -> ClientResult:
+    def _local_training(
+        self, client_id: int, epochs: int, seed: int, previous: ClientState | None, label: str
+    ) -> tuple[list[float], int, int, int, Any]:
+        """``epochs`` of local SGD on the client's training split, on whatever the module holds now.
+
+        Returns the losses, steps, samples seen, training-set size and the optimizer.
+        """
         fabric, module = self.fabric, self.module
-        start = time.perf_counter()
-        previous = self._prepare_client(client_id)
         optimizer = module.configure_optimizers()
         if isinstance(optimizer, dict):
             optimizer = optimizer["optimizer"]
         if self.optimizer_state == "persist" and previous is not None and previous.optim is not None:
             optimizer.load_state_dict(to_cpu_copy(previous.optim))
         optimizer = fabric.setup_optimizers(optimizer)
-        seed = derive_seed(self.seed, 3, round_idx, client_id)
         torch.manual_seed(seed)
         loader = self._loader(client_id, "train", train=True, seed=seed)
+        with torch.no_grad(), fabric.autocast():
+            module.before_local_training(fabric.to_device(batch) for batch in loader)
         module.train()
         losses: list[float] = []
         steps = seen = 0
-        for _epoch in range(self.local_epochs):
-            for batch_idx, batch in enumerate(loader):
-                batch = fabric.to_device(batch)
-                with fabric.autocast():
-                    try:
-                        loss = module.training_step(batch, batch_idx)
-                    except FloatingPointError as err:
-                        raise FloatingPointError(f"round {round_idx + 1}, client {client_id}: {err}") from err
-                t_opt = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                optimizer.step()
-                if self.profile:
-                    if fabric.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    self._optim_time += time.perf_counter() - t_opt
-                losses.append(float(loss.detach()))
-                steps += 1
-                seen += int(batch[1].shape[0])
+        with torch.enable_grad():
+            for _epoch in range(epochs):
+                for batch_idx, batch in enumerate(loader):
+                    batch = fabric.to_device(batch)
+                    with fabric.autocast():
+                        try:
+                            loss = module.training_step(batch, batch_idx)
+                        except FloatingPointError as err:
+                            raise FloatingPointError(f"{label}, client {client_id}: {err}") from err
+                    t_opt = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    fabric.backward(loss)
+                    optimizer.step()
+                    if self.profile:
+                        if fabric.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        self._optim_time += time.perf_counter() - t_opt
+                    losses.append(float(loss.detach()))
+                    steps += 1
+                    seen += int(batch[1].shape[0])
+                    if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
+                        break
                 if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
                     break
-            if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
-                break
         module.eval()
+        return losses, steps, seen, len(loader.dataset), optimizer
+
+    def _train_client(self, client_id: int, round_idx: int) -> ClientResult:
+        module = self.module
+        start = time.perf_counter()
+        previous = self._prepare_client(client_id)
+        seed = derive_seed(self.seed, 3, round_idx, client_id)
+        losses, steps, seen, num_samples, optimizer = self._local_training(
+            client_id, self.local_epochs, seed, previous, f"round {round_idx + 1}"
+        )
         optim_state = to_cpu_copy(optimizer.state_dict()) if self.optimizer_state == "persist" else None
         state = ClientState(
             local=module.local_state(),
@@ -401,7 +421,7 @@ class FederatedTrainer:
         )
         return ClientResult(
             client_id=client_id,
-            num_samples=len(loader.dataset),
+            num_samples=num_samples,
             upload=module.global_state(),
             state=state,
             loss=sum(losses) / max(1, len(losses)),
@@ -410,12 +430,31 @@ class FederatedTrainer:
             samples_seen=seen,
         )
 
+    def _eval_finetune_epochs(self) -> int:
+        """Evaluation fine-tuning epochs of the method (none for the zero-shot reference)."""
+        if self.module._zero_shot:
+            return 0
+        return int(getattr(self.module, "eval_finetune_epochs", 0) or 0)
+
+    def _personalise_for_eval(self, client_id: int) -> None:
+        """Load client ``client_id``'s evaluation model; fine-tune a throw-away copy when the method asks.
+
+        The fine-tuned tensors live in the module only until the next client is loaded: they
+        are never uploaded or stored (PromptFL+FT).
+        """
+        previous = self._prepare_client(client_id, for_eval=True)
+        epochs = self._eval_finetune_epochs()
+        if epochs > 0:
+            seed = derive_seed(self.seed, 4, self.completed_rounds, client_id)
+            self._local_training(client_id, epochs, seed, None, "evaluation fine-tuning")
+        del previous
+
     @torch.no_grad()
     def _eval_client(self, client_id: int, data: int | str | None = None, prepare: bool = True) -> ClientEval:
         """Evaluate client ``client_id``'s model on its own test split or a shared set (``"base"``/``"novel"``)."""
         fabric, module = self.fabric, self.module
         if prepare:
-            self._prepare_client(client_id)
+            self._personalise_for_eval(client_id)
         module.eval()
         preds, targets = [], []
         for x, y in self._loader(client_id if data is None else data, "test", train=False):
@@ -445,12 +484,21 @@ class FederatedTrainer:
         mine = self._my_share(list(range(self.dm.num_clients)))
         has_global = module.has_global_model
         base_novel = self.dm.has_novel
+        # with evaluation fine-tuning the personalised copy is made once per client (on the
+        # base task, whose labels the training split uses) and reused for Novel; the global
+        # part alone is always the un-tuned model
+        finetunes = self._eval_finetune_epochs() > 0
+        tuned: dict[int, StateDict] = {}
         local, base, glob = [], [], []
         for cid in mine:
             local.append(self._eval_client(cid))
+            if finetunes:
+                tuned[cid] = module.global_state()
             if base_novel:
                 base.append(self._eval_client(cid, "base", prepare=False))
             if has_global:
+                if finetunes:
+                    self._prepare_client(cid, for_eval=True)
                 with module.global_only():
                     glob.append(self._eval_client(cid, prepare=False))
         novel, novel_glob = [], []
@@ -458,7 +506,13 @@ class FederatedTrainer:
             module.set_task(self.dm.novel_class_names)
             try:
                 for cid in mine:
-                    novel.append(self._eval_client(cid, "novel"))
+                    if finetunes:
+                        self._prepare_client(cid, for_eval=True)
+                        module.load_global_state(tuned[cid])
+                        novel.append(self._eval_client(cid, "novel", prepare=False))
+                        self._prepare_client(cid, for_eval=True)
+                    else:
+                        novel.append(self._eval_client(cid, "novel"))
                     if has_global:
                         with module.global_only():
                             novel_glob.append(self._eval_client(cid, "novel", prepare=False))

@@ -2,7 +2,9 @@
 
 from flora.methods.base import FederatedPromptModule, Role
 from flora.methods.fedpgp import FLORA, FedPGP
+from flora.methods.pfedprompt import PFedPrompt
 from flora.methods.promptfl import CoOpModule, LocalCoOp, PromptFL
+from flora.methods.variants import PromptAMP, PromptFLFT, PromptPer, PromptProx
 from flora.methods.zeroshot import ZeroShotCLIP
 
 __all__ = [
@@ -11,7 +13,12 @@ __all__ = [
     "FedPGP",
     "FederatedPromptModule",
     "LocalCoOp",
+    "PFedPrompt",
+    "PromptAMP",
     "PromptFL",
+    "PromptFLFT",
+    "PromptPer",
+    "PromptProx",
     "Role",
     "ZeroShotCLIP",
 ]

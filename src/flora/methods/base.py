@@ -9,7 +9,7 @@ plain ``lightning.Trainer`` on one client's DataLoader.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, ClassVar
@@ -53,6 +53,9 @@ class FederatedPromptModule(L.LightningModule):
     local_params: ClassVar[tuple[str, ...]] = ()
     #: which image features the method consumes: ``"global"`` (pooled), ``"patch"`` or ``"image"`` (raw)
     feature_kind: ClassVar[str] = "global"
+    #: local epochs each client fine-tunes a throw-away copy of its model for before being evaluated
+    #: (PromptFL+FT); 0 evaluates the model as it is
+    eval_finetune_epochs: int = 0
 
     def __init__(
         self,
@@ -258,6 +261,17 @@ class FederatedPromptModule(L.LightningModule):
     def download_state(self, client_id: int, global_state: StateDict) -> StateDict:
         """What the server sends client ``client_id`` this round (the global state by default)."""
         return global_state
+
+    def before_local_training(self, batches: Iterable[Sequence[Tensor]]) -> None:
+        """Called with the client's training batches (on the device) before its local epochs.
+
+        The default does nothing; a method with a non-parametric client memory (pFedPrompt)
+        builds it here. Runs under ``torch.no_grad()``.
+        """
+
+    def evaluation_state(self, client_id: int, global_state: StateDict) -> StateDict:
+        """The global-role tensors client ``client_id`` is evaluated with (default: its download)."""
+        return self.download_state(client_id, global_state)
 
     # -------------------------------------------------------------- forward
     def text_features(self) -> Tensor:
