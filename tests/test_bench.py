@@ -108,6 +108,7 @@ def test_probe_measures_zero_shot_linear_probe_and_coop(tmp_path: Path) -> None:
     assert all(0 <= v <= 100 for r in result["styles"].values() for v in r.values())
     text = out.read_text()
     assert f"| photo | {photo['zero_shot']:.1f} | {photo['linear_probe']:.1f} | {photo['coop']:.1f} |" in text
+    assert f"| {photo['patch_zero_shot']:.1f} |" in text  # the patch-token column (flora-tiny is a ViT)
     assert json.loads(out.with_suffix(".json").read_text())["styles"]["dark"] == result["styles"]["dark"]
     # a random text tower knows nothing: zero-shot near chance, while a linear probe still fits the images
     random = run_probe(clip_pretrained=None, config=cfg, output=None, progress=False)["styles"]["photo"]

@@ -120,3 +120,31 @@ def test_nan_loss_is_a_clear_error() -> None:
     x, y = _batch(4)
     with pytest.raises(FloatingPointError, match="non-finite"):
         m.training_step((x, y), 0)
+
+
+def _all_methods() -> list[type[FederatedPromptModule]]:
+    import flora.methods as methods
+
+    classes = [getattr(methods, n) for n in methods.__all__]
+    return [
+        c
+        for c in classes
+        if isinstance(c, type)
+        and issubclass(c, FederatedPromptModule)
+        and c.__name__ not in ("FederatedPromptModule", "CoOpModule")
+    ]
+
+
+@pytest.mark.parametrize("cls", _all_methods(), ids=lambda c: c.__name__)
+def test_initialisation_comes_only_from_the_trainers_generators(cls: type[FederatedPromptModule]) -> None:
+    """Every learned tensor is set by reset_*_parameters: the global RNG's history must not matter."""
+    states = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)  # a different global RNG state at construction
+        m = cls(NAMES)
+        m.reset_global_parameters(torch.Generator().manual_seed(7))
+        m.reset_local_parameters(torch.Generator().manual_seed(8))
+        states.append({**m.global_state(), **m.local_state()})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), f"{cls.__name__}.{k} depends on the global RNG"

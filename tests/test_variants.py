@@ -183,3 +183,24 @@ def test_finetuned_copy_is_evaluated_but_never_uploaded(tmp_path: Path, tiny_bn_
         PromptFLFT(n_ctx=4, lr=0.05, ft_epochs=0), _dm(tiny_bn_root, base_novel=True)
     )
     assert zero["final"]["local_acc_mean"] == pytest.approx(plain["final"]["local_acc_mean"], abs=1e-6)
+
+
+def test_client_batches_are_only_read_when_a_method_asks() -> None:
+    """Iterating a loader draws its shuffling RNG: methods without a client memory must not touch it."""
+    from flora.federated.trainer import _DeviceBatches
+
+    class Loader:
+        iterated = 0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            Loader.iterated += 1
+            yield (torch.zeros(1), torch.zeros(1))
+
+    class FakeFabric:
+        def to_device(self, batch):  # type: ignore[no-untyped-def]
+            return batch
+
+    batches = _DeviceBatches(Loader(), FakeFabric())  # type: ignore[arg-type]
+    PromptFL(NAMES, n_ctx=2).before_local_training(batches)
+    assert Loader.iterated == 0
+    assert len(list(batches)) == 1 and Loader.iterated == 1

@@ -26,8 +26,10 @@ from flora.federated import FederatedTrainer
 from flora.methods import (
     FLORA,
     FederatedPromptModule,
+    FedOTP,
     FedPGP,
     LocalCoOp,
+    PFedMoAP,
     PFedPrompt,
     PromptAMP,
     PromptFL,
@@ -46,11 +48,23 @@ METHODS = (
     "PromptProx",
     "PromptAMP",
     "pFedPrompt",
+    "FedOTP",
+    "pFedMoAP",
     "FedPGP",
     "FLORA",
 )
 #: methods with a per-client model (compared with PromptFL on Local accuracy)
-PERSONALISED = ("Local", "PromptFL+FT", "PromptPer", "PromptAMP", "pFedPrompt", "FedPGP", "FLORA")
+PERSONALISED = (
+    "Local",
+    "PromptFL+FT",
+    "PromptPer",
+    "PromptAMP",
+    "pFedPrompt",
+    "FedOTP",
+    "pFedMoAP",
+    "FedPGP",
+    "FLORA",
+)
 SETTINGS = {
     "label": "label skew: Dirichlet(0.1) over 10 clients, photo style only",
     "feature": "feature shift: one style per client (5 clients: photo, sketch, cartoon, noisy, dark)",
@@ -127,6 +141,10 @@ def make_method(name: str, cfg: BenchConfig, **overrides: Any) -> FederatedPromp
         return PromptAMP(**prompt, **overrides)
     if name == "pFedPrompt":
         return PFedPrompt(**prompt, **overrides)
+    if name == "FedOTP":
+        return FedOTP(**prompt, **overrides)
+    if name == "pFedMoAP":
+        return PFedMoAP(**prompt, **overrides)
     if name == "FedPGP":
         return FedPGP(**{"rank": cfg.rank, **prompt, **overrides})
     if name == "FLORA":
@@ -406,7 +424,8 @@ def _results_markdown(result: dict[str, Any]) -> str:
         f"- method defaults otherwise: PromptPer {cfg['n_ctx'] - cfg['n_ctx'] // 2} global + {cfg['n_ctx'] // 2} "
         "local tokens; PromptFL+FT 1 fine-tuning epoch before each evaluation; PromptProx mu 0.5; PromptAMP "
         "lam 1, self-weight 0.5, sigma the median distance; pFedPrompt alpha 1, beta 5.5, patch-feature "
-        "memory; FedPGP and FLORA mu 1, tau 0.5",
+        "memory; FedOTP gamma 0.8, eps 0.1; pFedMoAP 9 experts, lambda 0.5, gate lr 0.01; FedPGP "
+        "and FLORA mu 1, tau 0.5",
         f"- world: {cfg['num_colors']} colours x {cfg['num_shapes']} shapes = "
         f"{cfg['num_colors'] * cfg['num_shapes']} classes; base-to-novel protocol: clients train on the "
         f"first {(cfg['num_colors'] * cfg['num_shapes'] + 1) // 2} classes (Local and Base are over these), "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,17 @@ class ClientResult:
     seconds: float
     samples_seen: int = 0
     phases: dict[str, float] = field(default_factory=dict)
+
+
+class _DeviceBatches:
+    """An iterable over a loader's batches moved to the Fabric device; iterates the loader only on demand."""
+
+    def __init__(self, loader: Any, fabric: Fabric) -> None:
+        self.loader, self.fabric = loader, fabric
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield self.fabric.to_device(batch)
 
 
 def _state_bytes(state: StateDict) -> int:
@@ -374,7 +385,8 @@ class FederatedTrainer:
         torch.manual_seed(seed)
         loader = self._loader(client_id, "train", train=True, seed=seed)
         with torch.no_grad(), fabric.autocast():
-            module.before_local_training(fabric.to_device(batch) for batch in loader)
+            # lazy: the loader is only iterated (and its shuffling RNG only drawn) if the method reads it
+            module.before_local_training(_DeviceBatches(loader, fabric))
         module.train()
         losses: list[float] = []
         steps = seen = 0

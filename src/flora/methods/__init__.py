@@ -1,7 +1,9 @@
 """Federated prompt-learning methods, one LightningModule each."""
 
 from flora.methods.base import FederatedPromptModule, Role
+from flora.methods.fedotp import FedOTP
 from flora.methods.fedpgp import FLORA, FedPGP
+from flora.methods.pfedmoap import PFedMoAP
 from flora.methods.pfedprompt import PFedPrompt
 from flora.methods.promptfl import CoOpModule, LocalCoOp, PromptFL
 from flora.methods.variants import PromptAMP, PromptFLFT, PromptPer, PromptProx
@@ -10,9 +12,11 @@ from flora.methods.zeroshot import ZeroShotCLIP
 __all__ = [
     "FLORA",
     "CoOpModule",
+    "FedOTP",
     "FedPGP",
     "FederatedPromptModule",
     "LocalCoOp",
+    "PFedMoAP",
     "PFedPrompt",
     "PromptAMP",
     "PromptFL",

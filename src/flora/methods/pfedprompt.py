@@ -91,6 +91,9 @@ class PFedPrompt(CoOpModule):
             memory.resize(len(self.class_names), self.backbone.embed_dim, self.anchor.device)
             self.memory_classes = list(self.class_names)
 
+    def reset_global_parameters(self, generator: torch.Generator) -> None:
+        self.prompt.reset_parameters(generator)
+
     def reset_local_parameters(self, generator: torch.Generator) -> None:
         self.memory.clear()
 

@@ -4,6 +4,7 @@ from flora.prompts.adapter import FeatureGate
 from flora.prompts.context import PromptContext
 from flora.prompts.losses import pair_contrastive, rowwise_cos
 from flora.prompts.lowrank import LowRankTerm, orthogonality_penalty
+from flora.prompts.transport import unbalanced_sinkhorn
 
 __all__ = [
     "FeatureGate",
@@ -12,4 +13,5 @@ __all__ = [
     "orthogonality_penalty",
     "pair_contrastive",
     "rowwise_cos",
+    "unbalanced_sinkhorn",
 ]

@@ -1,0 +1,104 @@
+"""FedOTP: a global and a local prompt, matched to an image's patches by unbalanced optimal transport."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flora.methods.base import FederatedPromptModule
+from flora.prompts import PromptContext, unbalanced_sinkhorn
+
+
+class FedOTP(FederatedPromptModule):
+    """FedOTP: ``ctx[0]`` global (FedAvg'd) and ``ctx[1]`` local, both ``n_ctx x d_t``.
+
+    For an image with normalised patch features ``F`` (``M x d``) and class ``c``,
+    ``S_mn = F_m . g(ctx_n, c)``; the plan ``T`` of the unbalanced entropic OT with cost
+    ``1 - S``, patch marginal ``<= 1/M`` and prompt marginal ``gamma / 2`` is computed
+    without gradient, and the logit is ``s * sum_mn T_mn S_mn``; CE trains both prompts.
+    The global part alone uses ``ctx[0]`` with the same per-prompt mass.
+    """
+
+    global_params = ("prompt",)
+    local_params = ("personal",)
+    feature_kind = "patch"
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        n_ctx: int = 16,
+        gamma: float = 0.8,
+        eps: float = 0.1,
+        ot_max_iter: int = 100,
+        ot_tol: float = 1e-3,
+        ctx_init_std: float = 0.02,
+        clip_model: str = "flora-tiny",
+        clip_pretrained: str | None = "shipped",
+        template: str = "a photo of a {}.",
+        lr: float = 2e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self._n_ctx = n_ctx
+        super().__init__(None, clip_model, clip_pretrained, template, lr, momentum, weight_decay)
+        self.gamma, self.eps, self.ot_max_iter, self.ot_tol = gamma, eps, ot_max_iter, ot_tol
+        self.prompt = PromptContext(n_ctx, self.backbone.token_width, ctx_init_std)
+        self.personal = PromptContext(n_ctx, self.backbone.token_width, ctx_init_std)
+        if class_names is not None:
+            self.set_task(list(class_names))
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def reset_global_parameters(self, generator: torch.Generator) -> None:
+        self.prompt.reset_parameters(generator)
+
+    def reset_local_parameters(self, generator: torch.Generator) -> None:
+        self.personal.reset_parameters(generator)
+
+    def prompt_features(self) -> Tensor:
+        """``(N, n_cls, d)`` class features of the prompts in use (N = 2, or 1 for the global part alone)."""
+        if self.is_global_only:
+            ctx = self.prompt.ctx.unsqueeze(0)
+        else:
+            ctx = torch.stack([self.prompt.ctx, self.personal.ctx])
+        return self.backbone.encode_prompted(ctx, self._require_task())
+
+    def text_features(self) -> Tensor:
+        """The global prompt's class features (the OT logits need :meth:`prompt_features`)."""
+        return self.backbone.encode_prompted(self.prompt.ctx, self._require_task())
+
+    def ot_logits(self, feats: Tensor, text: Tensor) -> Tensor:
+        """``s * sum_mn T_mn S_mn`` for patch features ``(B, 1 + M, d)`` and prompt features ``(N, C, d)``."""
+        if feats.dim() != 3 or feats.shape[1] < 2:
+            raise ValueError(
+                f"FedOTP needs patch features (B, 1 + M, d), got shape {tuple(feats.shape)}; "
+                "use a ViT backbone and feature_kind 'patch'"
+            )
+        patches = F.normalize(feats[:, 1:].float(), dim=-1)
+        sim = torch.einsum("bmd,ncd->bcmn", patches, text.float())
+        m = sim.shape[-2]
+        plan = unbalanced_sinkhorn(
+            1.0 - sim.detach(), 1.0 / m, self.gamma / 2, self.eps, self.ot_max_iter, self.ot_tol
+        )
+        return self.backbone.logit_scale * (plan * sim).sum(dim=(-1, -2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._zero_shot:
+            return super().forward(x)
+        feats = self.image_features(x)
+        if torch.is_grad_enabled():
+            text = self.prompt_features()
+        else:
+            if self._eval_text is None:
+                self._eval_text = self.prompt_features().detach()
+            text = self._eval_text
+        return self.ot_logits(feats, text)
