@@ -214,6 +214,15 @@ def _run(
     }
 
 
+def _write_report(out_dir: str, stem: str, result: dict[str, Any], render: Any) -> Path:
+    """Write ``{stem}.json`` and ``{stem}.md`` (``render(result)``) into ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(render(result))
+    return out
+
+
 def _print_run(console: Any, run: dict[str, Any], done: int, total: int) -> None:
     f = run["final"]
     console.print(
@@ -259,12 +268,10 @@ def run_accuracy(
         "settings": {s: SETTINGS[s] for s in settings},
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
     figures = out / "figures"
-    figures.mkdir(exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
     _plots(result, figures)
-    (out / "results.md").write_text(_results_markdown(result))
+    _write_report(out_dir, "results", result, _results_markdown)
     return result
 
 
@@ -335,10 +342,7 @@ def run_ablation(
         },
         "runs": runs,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
-    (out / "ablation.md").write_text(_ablation_markdown(result))
+    _write_report(out_dir, "ablation", result, _ablation_markdown)
     return result
 
 
@@ -612,10 +616,7 @@ def run_speed(
         "rounds": rounds,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "performance.json").write_text(json.dumps(result, indent=1))
-    (out / "performance.md").write_text(_performance_markdown(result))
+    _write_report(out_dir, "performance", result, _performance_markdown)
     return result
 
 

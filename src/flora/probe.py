@@ -187,7 +187,6 @@ def _markdown(result: dict[str, Any]) -> str:
         "- zero-shot: the prompt `a photo of a {}.`; linear probe: a linear head on the frozen",
         f"  image features (Adam, {cfg['probe_steps']} full-batch steps); CoOp: a learned "
         f"{cfg['n_ctx']}-token context (SGD lr {cfg['coop_lr']}, {cfg['coop_epochs']} epochs)",
-        "",
         "- zero-shot (patches): the same prompt scored by the mean cosine of the image's patch",
         "  tokens (after the final LayerNorm and projection), the features OT-based methods such as",
         "  FedOTP match prompts to",
