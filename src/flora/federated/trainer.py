@@ -454,12 +454,11 @@ class FederatedTrainer:
         The fine-tuned tensors live in the module only until the next client is loaded: they
         are never uploaded or stored (PromptFL+FT).
         """
-        previous = self._prepare_client(client_id, for_eval=True)
+        self._prepare_client(client_id, for_eval=True)
         epochs = self._eval_finetune_epochs()
         if epochs > 0:
             seed = derive_seed(self.seed, 4, self.completed_rounds, client_id)
             self._local_training(client_id, epochs, seed, None, "evaluation fine-tuning")
-        del previous
 
     @torch.no_grad()
     def _eval_client(self, client_id: int, data: int | str | None = None, prepare: bool = True) -> ClientEval:
@@ -522,7 +521,8 @@ class FederatedTrainer:
                         self._prepare_client(cid, for_eval=True)
                         module.load_global_state(tuned[cid])
                         novel.append(self._eval_client(cid, "novel", prepare=False))
-                        self._prepare_client(cid, for_eval=True)
+                        if has_global:  # the global part alone is the un-tuned model
+                            self._prepare_client(cid, for_eval=True)
                     else:
                         novel.append(self._eval_client(cid, "novel"))
                     if has_global:
