@@ -1,0 +1,48 @@
+"""Error types whose message is shown to the user as one line (``flora: error: ...``).
+
+Every check of user input raises one of these with a message that names the
+parameter or file, the value it got and what is allowed. The ``flora`` command prints
+the message without a traceback (set ``FLORA_DEBUG=1`` for one).
+"""
+
+from __future__ import annotations
+
+from flora.data.errors import FloraDataError
+
+__all__ = ["FloraConfigError", "FloraDataError", "FloraRunError", "check_range"]
+
+
+class FloraConfigError(ValueError):
+    """A configuration value is out of range or inconsistent with another one."""
+
+
+class FloraRunError(RuntimeError):
+    """A run cannot start or continue as asked (run folder in use, checkpoint mismatch, non-finite upload, ...)."""
+
+
+def check_range(
+    name: str,
+    value: float | int | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Raise :class:`FloraConfigError` unless ``low <= value <= high`` (``<`` where the bound is open).
+
+    ``name`` is the option as the user writes it (e.g. ``trainer.rounds``).
+    """
+    if value is None:
+        if allow_none:
+            return
+        raise FloraConfigError(f"{name} must be set")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FloraConfigError(f"{name} must be a number, got {value!r}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high or value != value:  # value != value: NaN
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise FloraConfigError(f"{name} must satisfy {lo}{name}{hi}, got {value!r}")
