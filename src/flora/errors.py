@@ -43,6 +43,10 @@ def check_range(
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high or value != value:  # value != value: NaN
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise FloraConfigError(f"{name} must satisfy {lo}{name}{hi}, got {value!r}")
+        if low is not None and high is not None:
+            what = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            what = f"{'>' if low_open else '>='} {low}"
+        else:
+            what = f"{'<' if high_open else '<='} {high}"
+        raise FloraConfigError(f"{name} must be {what}, got {value!r}")
