@@ -81,8 +81,10 @@ def test_pathological_ownership_and_shots() -> None:
     shots = Pathological(num_clients=5, classes_per_client=4, num_shots=8, seed=0).partition(TRAIN, TEST, C)
     counts = shots.counts("train", TRAIN)
     assert set(counts[counts > 0].tolist()) == {8}
-    with pytest.raises(FloraDataError, match="exceeds"):
-        Pathological(num_clients=11, classes_per_client=2).partition(TRAIN, TEST, C)
+    # 11 x 2 > 20 classes: classes are shared (two clients hold one class) rather than refused
+    shared = Pathological(num_clients=11, classes_per_client=2).partition(TRAIN, TEST, C)
+    assert all(len(set(TRAIN[t])) == 2 for t in shared.train)
+    assert sorted(len(h) for h in shared.class_holders.values()) == [1] * 18 + [2] * 2
 
 
 def test_few_shot_is_disjoint() -> None:
@@ -128,3 +130,138 @@ def test_domains_describe_does_not_change_when_partitioning() -> None:
     part = used.partition(labels, labels[:30], C, dom, dom[::10])
     assert part.num_clients == 6
     assert used.describe() == before == Domains(clients_per_domain=2).describe()
+
+
+# ---------------------------------------------------------------- pathological: old disjoint case
+
+# Computed with the pre-sharing code (flora 3b7dcd1): owned classes per client and a sha256 prefix of
+# every client's train then test index arrays. The disjoint case must never change.
+OLD_DISJOINT = [
+    (
+        dict(num_clients=6, classes_per_client=3, seed=0),
+        [[4, 6, 19], [2, 13, 16], [3, 10, 11], [0, 8, 12], [5, 7, 18], [1, 9, 14, 15, 17]],
+        "b80dcae455caaf9e",
+    ),
+    (
+        dict(num_clients=5, classes_per_client=4, num_shots=8, seed=0),
+        [[2, 4, 6, 19], [3, 11, 13, 16], [0, 8, 10, 12], [5, 7, 17, 18], [1, 9, 14, 15]],
+        "a8298aa226b66259",
+    ),
+    (
+        dict(num_clients=10, classes_per_client=2, seed=1),
+        [[1, 10], [16, 18], [7, 11], [12, 17], [2, 15], [3, 4], [5, 8], [0, 9], [13, 14], [6, 19]],
+        "22b85ff84a3df8a4",
+    ),
+    (
+        dict(num_clients=4, classes_per_client=5, seed=7, test="all"),
+        [[3, 8, 12, 13, 14], [1, 6, 10, 15, 16], [0, 4, 5, 7, 18], [2, 9, 11, 17, 19]],
+        "a32f35c7525794be",
+    ),
+]
+
+
+def _digest(part) -> str:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in part.train + part.test:
+        h.update(np.asarray(a, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("args, owned, digest", OLD_DISJOINT)
+def test_pathological_disjoint_case_is_unchanged(args, owned, digest) -> None:  # type: ignore[no-untyped-def]
+    part = Pathological(**args).partition(TRAIN, TEST, C)
+    assert [sorted(set(TRAIN[t].tolist())) for t in part.train] == owned
+    assert _digest(part) == digest
+    assert part.class_holders is None  # nothing shared: the manifest gets no class_holders either
+
+
+# ---------------------------------------------------------------- pathological: shared classes
+
+C36 = 36
+TRAIN36 = np.repeat(np.arange(C36), 30)
+TEST36 = np.repeat(np.arange(C36), 6)
+
+
+def test_pathological_shares_classes_when_clients_x_classes_exceed_the_classes() -> None:
+    """50 clients x 4 classes over 36 classes (the common FL setting) used to raise 'exceeds'."""
+    p = Pathological(num_clients=50, classes_per_client=4, seed=3)
+    part = p.partition(TRAIN36, TEST36, C36)
+    assert part.num_clients == 50
+    owned = [np.unique(TRAIN36[t]) for t in part.train]
+    assert all(len(o) == 4 for o in owned)  # exactly 4 distinct classes each
+    holders = {k: [c for c in range(50) if k in set(owned[c].tolist())] for k in range(C36)}
+    n_holders = np.array([len(holders[k]) for k in range(C36)])
+    assert n_holders.sum() == 200 and n_holders.max() - n_holders.min() <= 1  # balanced, about N*s/C
+    assert part.class_holders == holders
+    _assert_exact_cover(part.train, len(TRAIN36))  # each class's samples partitioned among its holders
+    counts = part.counts("train", TRAIN36)
+    for k in range(C36):
+        got = counts[holders[k], k]
+        assert got.min() >= 1 and got.max() - got.min() <= 1  # split evenly
+        assert (counts[:, k] > 0).sum() == len(holders[k])
+    _assert_exact_cover(part.test, len(TEST36))
+    for tr, te in zip(part.train, part.test):
+        assert set(TEST36[te]) <= set(TRAIN36[tr])
+    again = Pathological(num_clients=50, classes_per_client=4, seed=3).partition(TRAIN36, TEST36, C36)
+    assert all(np.array_equal(x, y) for x, y in zip(part.train, again.train))
+    assert all(np.array_equal(x, y) for x, y in zip(part.test, again.test))
+    assert again.class_holders == part.class_holders
+    other = Pathological(num_clients=50, classes_per_client=4, seed=4).partition(TRAIN36, TEST36, C36)
+    assert other.class_holders != part.class_holders
+
+
+def test_pathological_shared_few_shot_is_per_owned_class_per_client() -> None:
+    part = Pathological(num_clients=50, classes_per_client=4, num_shots=2, seed=0).partition(
+        TRAIN36, TEST36, C36
+    )
+    counts = part.counts("train", TRAIN36)
+    assert ((counts > 0).sum(1) == 4).all() and set(counts[counts > 0].tolist()) == {2}
+    allidx = np.concatenate(part.train)
+    assert len(np.unique(allidx)) == len(allidx) == 50 * 4 * 2  # disjoint across clients
+    with pytest.raises(FloraDataError, match=r"class \d+ has 30 training samples.*num_shots=6"):
+        Pathological(num_clients=50, classes_per_client=4, num_shots=6).partition(TRAIN36, TEST36, C36)
+
+
+def test_pathological_shared_class_with_too_few_samples_is_named() -> None:
+    labels = np.concatenate([[0, 0], np.repeat(np.arange(1, 5), 20)])  # class 0: 2 samples
+    with pytest.raises(
+        FloraDataError, match=r"class 0 has 2 training samples but 4 clients \([0-9, ]+\) hold it"
+    ):
+        Pathological(num_clients=10, classes_per_client=2).partition(labels, labels, 5)
+    with pytest.raises(FloraDataError, match="classes_per_client=6 exceeds the 5 classes"):
+        Pathological(num_clients=3, classes_per_client=6).partition(labels, labels, 5)
+
+
+# ---------------------------------------------------------------- range checks of the options
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Dirichlet(alpha=0), "data.partition.alpha must be > 0, got 0"),
+        (lambda: Dirichlet(alpha=-1), "data.partition.alpha must be > 0, got -1"),
+        (lambda: Dirichlet(alpha=float("nan")), "data.partition.alpha must be > 0, got nan"),
+        (lambda: Dirichlet(min_size=-1), "data.partition.min_size must be >= 0, got -1"),
+        (lambda: Dirichlet(max_retries=0), "data.partition.max_retries must be >= 1, got 0"),
+        (lambda: IID(num_clients=0), "data.partition.num_clients must be >= 1, got 0"),
+        (lambda: Dirichlet(num_clients=-3), "data.partition.num_clients must be >= 1, got -3"),
+        (lambda: IID(seed=-1), "data.partition.seed must be >= 0, got -1"),
+        (lambda: IID(test="some"), "data.partition.test must be 'matched' or 'all', got 'some'"),
+        (lambda: Pathological(classes_per_client=0), "data.partition.classes_per_client must be >= 1, got 0"),
+        (lambda: Pathological(num_shots=0), "data.partition.num_shots must be >= 1, got 0"),
+        (lambda: FewShot(num_shots=0), "data.partition.num_shots must be >= 1, got 0"),
+        (lambda: Domains(clients_per_domain=0), "data.partition.clients_per_domain must be >= 1, got 0"),
+        (lambda: Domains(alpha=0.0), "data.partition.alpha must be > 0, got 0.0"),
+        (lambda: Domains(min_size=-2), "data.partition.min_size must be >= 0, got -2"),
+    ],
+)
+def test_bad_partition_options_are_one_line_config_errors(make, message) -> None:  # type: ignore[no-untyped-def]
+    from flora.errors import FloraConfigError
+
+    with pytest.raises(FloraConfigError) as info:
+        make()
+    assert str(info.value) == message
+    assert info.value.__cause__ is None and info.value.__context__ is None  # one error, no chained traceback

@@ -116,6 +116,99 @@ def test_cifar_errors(tmp_path: Path) -> None:
         ds.size("test")
 
 
+class _Payload:
+    """Unpickling this runs a command (what a malicious "CIFAR" download could contain)."""
+
+    def __init__(self, call: object, arg: str) -> None:
+        self.call, self.arg = call, arg
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (self.call, (self.arg,))
+
+
+@pytest.mark.parametrize("which", ["data_batch_1", "batches.meta"])
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
+def test_cifar_refuses_pickles_that_would_run_code(tmp_path: Path, which: str, how: str) -> None:
+    import os
+
+    _write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "pwned"
+    if how == "os.system":
+        payload = _Payload(os.system, f"touch {marker}")
+    else:
+        payload = _Payload(exec, f"open({str(marker)!r}, 'w').write('x')")
+    path = tmp_path / "cifar-10-batches-py" / which
+    with open(path, "wb") as fh:
+        pickle.dump({b"data": payload, b"labels": [0, 1], b"label_names": payload}, fh)
+    ds = CIFAR(name="cifar10", root=str(tmp_path))
+    name = "posix.system" if how == "os.system" else "builtins.exec"
+    with pytest.raises(FloraDataError, match=rf"{which}.* refers to {name}, .*refusing to load it") as info:
+        ds.labels("train") if which == "data_batch_1" else ds.class_names
+    assert "\n" not in str(info.value)
+    assert not marker.exists()  # nothing ran
+
+
+def test_cifar_reads_numpy_pickles_of_every_protocol(tmp_path: Path) -> None:
+    """The restricted unpickler still reads CIFAR files written with any pickle protocol."""
+    expected = _write_cifar(tmp_path, "cifar100")
+    for proto in (2, 3, 4, 5):
+        d = tmp_path / "cifar-100-python"
+        for fname in ("train", "test", "meta"):
+            with open(d / fname, "rb") as fh:
+                obj = pickle.load(fh)
+            if fname != "meta":
+                obj["fine_labels"] = np.asarray(obj["fine_labels"], dtype=np.int64)  # numpy scalars too
+            with open(d / fname, "wb") as fh:
+                pickle.dump(obj, fh, protocol=proto)
+        ds = CIFAR(name="cifar100", root=str(tmp_path))
+        assert ds.labels("train").tolist() == expected["train"][1].tolist()
+        assert ds.class_names == ["apple", "aquarium fish", "baby"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: CIFAR(name="cifar1000"),
+            "data.dataset.name must be one of ['cifar10', 'cifar100'], got 'cifar1000'",
+        ),
+        (
+            lambda: CoOpDataset(name="flowers"),
+            "data.dataset.name must be one of ['caltech101', 'dtd', 'food101', "
+            "'oxford_flowers', 'oxford_pets'], got 'flowers'",
+        ),
+        (
+            lambda: OfficeCaltech10(test_fraction=1.0),
+            "data.dataset.test_fraction must be in [0.0, 1.0), got 1.0",
+        ),
+        (
+            lambda: OfficeCaltech10(test_fraction=-0.1),
+            "data.dataset.test_fraction must be in [0.0, 1.0), got -0.1",
+        ),
+        (lambda: OfficeCaltech10(seed=-1), "data.dataset.seed must be >= 0, got -1"),
+        (lambda: OfficeCaltech10(domains=[]), "data.dataset.domains must name at least one domain"),
+        (
+            lambda: DomainNet(domains=["real", "real"]),
+            "data.dataset.domains must not repeat, got ['real', 'real']",
+        ),
+        (
+            lambda: DomainNet(classes=[]),
+            "data.dataset.classes must name at least one class (or set all_classes: true)",
+        ),
+        (
+            lambda: DomainNet(classes=["tiger", "tiger"]),
+            "data.dataset.classes must not repeat, got ['tiger', 'tiger']",
+        ),
+    ],
+)
+def test_bad_real_dataset_options_are_one_line_config_errors(make, message) -> None:  # type: ignore[no-untyped-def]
+    from flora.errors import FloraConfigError
+
+    with pytest.raises(FloraConfigError) as info:
+        make()
+    assert str(info.value) == message
+
+
 # --------------------------------------------------------------------------------------------
 # CoOp datasets
 

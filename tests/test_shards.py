@@ -179,3 +179,113 @@ def test_failed_or_killed_prepares_leave_no_temporary_folder(tmp_path: Path) -> 
         write_federated_shards(Exploding(**SOURCE), IID(num_clients=3), tmp_path / "b", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name])
     assert load_manifest(tmp_path / "a")["num_clients"] == 3  # the earlier data is untouched
+
+
+# ---------------------------------------------------------------- pathological manifests
+
+
+def _strip_checksums(obj):  # type: ignore[no-untyped-def]
+    """The manifest without shard sha256s (PNG bytes may differ between zlib builds)."""
+    if isinstance(obj, dict):
+        return {k: _strip_checksums(v) for k, v in obj.items() if k != "sha256"}
+    if isinstance(obj, list):
+        return [_strip_checksums(v) for v in obj]
+    return obj
+
+
+def test_pathological_disjoint_manifest_is_unchanged(tmp_path: Path) -> None:
+    """3 clients x 3 classes over 9 classes: the manifest written before classes could be shared."""
+    import hashlib
+
+    from flora.data import Pathological
+
+    manifest = write_federated_shards(
+        SyntheticShapes(**SOURCE), Pathological(3, 3, seed=0), tmp_path / "p", progress=False
+    )
+    assert "class_holders" not in manifest
+    assert [c["train_counts"] for c in manifest["clients"]] == [
+        [0, 0, 6, 0, 6, 6, 0, 0, 0],
+        [0, 0, 0, 6, 0, 0, 6, 0, 6],
+        [6, 6, 0, 0, 0, 0, 0, 6, 0],
+    ]
+    text = json.dumps(_strip_checksums(manifest), sort_keys=True).encode()
+    # computed with the pre-sharing code (flora 3b7dcd1)
+    assert (
+        hashlib.sha256(text).hexdigest() == "fc767e4119d92a40bd690d0ad39becebf3f6b1b524dc0126ef80e0ca6c523dc2"
+    )
+
+
+def test_shared_pathological_manifest_records_class_holders(tmp_path: Path) -> None:
+    from flora.data import Pathological
+
+    manifest = write_federated_shards(
+        SyntheticShapes(**SOURCE), Pathological(6, 3, seed=0), tmp_path / "p", progress=False
+    )  # 6 x 3 = 18 > 9 classes: every class held by 2 clients
+    holders = manifest["class_holders"]
+    assert list(holders) == manifest["class_names"]  # keyed by class name, in label order
+    counts = np.array([c["train_counts"] for c in manifest["clients"]])
+    for k, name in enumerate(manifest["class_names"]):
+        assert holders[name] == np.flatnonzero(counts[:, k] > 0).tolist()
+        assert len(holders[name]) == 2 and counts[holders[name], k].tolist() == [3, 3]
+    assert ((counts > 0).sum(1) == 3).all()
+    assert load_manifest(tmp_path / "p") == manifest
+
+
+# ---------------------------------------------------------------- clients without test samples
+
+
+def test_clients_without_test_samples_fail_at_prepare(tmp_path: Path) -> None:
+    """12 clients, one test sample per class: matched test splits leave 10 clients without any."""
+    source = SyntheticShapes(**{**SOURCE, "test_per_class": 1})
+    with pytest.raises(
+        FloraDataError,
+        match=r"^IID: 10 of 12 clients got no test samples \(clients 1, 2, 3, 4, 5 and 5 more\); .*test: all$",
+    ):
+        write_federated_shards(source, IID(num_clients=12), tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()  # nothing written
+    # test: all gives every client the whole test split
+    write_federated_shards(source, IID(num_clients=12, test="all"), tmp_path / "all", progress=False)
+
+
+def test_manifest_with_clients_without_test_samples_fails_at_setup(tmp_path: Path) -> None:
+    """A manifest written before the prepare-time check fails at setup, not at evaluation."""
+    _write(tmp_path / "a")
+    path = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for cid in (0, 2):
+        manifest["clients"][cid]["num_test"] = 0
+        manifest["clients"][cid]["shards"]["test"][0]["count"] = 0
+    path.write_text(json.dumps(manifest))
+    dm = FederatedDataModule(str(tmp_path / "a"), prepare=False)
+    with pytest.raises(FloraDataError, match=r"2 of 3 clients have no test samples \(clients 0, 2\)"):
+        dm.setup()
+
+
+def test_many_clients_without_test_samples_are_listed_briefly() -> None:
+    from flora.data.shards import empty_test_message
+
+    msg = empty_test_message(list(range(0, 400, 2)), 400)
+    assert msg.startswith("200 of 400 clients") and "clients 0, 2, 4, 6, 8 and 195 more" in msg
+    assert "\n" not in msg
+
+
+# ---------------------------------------------------------------- range checks of the options
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "data.batch_size must be >= 1, got 0"),
+        (dict(eval_batch_size=-4), "data.eval_batch_size must be >= 1, got -4"),
+        (dict(num_workers=-1), "data.num_workers must be >= 0, got -1"),
+        (dict(client_id=-1), "data.client_id must be >= 0, got -1"),
+        (dict(feature_cache="ram"), "data.feature_cache must be 'memory', 'disk' or 'off', got 'ram'"),
+    ],
+)
+def test_bad_datamodule_options_are_one_line_config_errors(tmp_path: Path, kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    from flora.errors import FloraConfigError
+
+    with pytest.raises(FloraConfigError) as info:
+        FederatedDataModule(str(tmp_path / "d"), **kwargs)
+    assert str(info.value) == message
+    assert info.value.__context__ is None

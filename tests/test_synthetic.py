@@ -69,3 +69,24 @@ def test_lighting_styles_shift_what_colour_names_look_like() -> None:
     for style in ("photo", "cartoon"):
         fill = _mean_fill(style, "yellow")
         assert fill[2] < 0.4 * fill[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_colors=0), "data.dataset.num_colors must be in [1, 12], got 0"),
+        (dict(num_shapes=13), "data.dataset.num_shapes must be in [1, 12], got 13"),
+        (dict(train_per_class=0), "data.dataset.train_per_class must be >= 1, got 0"),
+        (dict(test_per_class=-1), "data.dataset.test_per_class must be >= 0, got -1"),
+        (dict(image_size=4), "data.dataset.image_size must be >= 8, got 4"),
+        (dict(seed=-1), "data.dataset.seed must be >= 0, got -1"),
+        (dict(styles=[]), "data.dataset.styles must name at least one style"),
+        (dict(styles=["photo", "photo"]), "data.dataset.styles must not repeat, got ['photo', 'photo']"),
+    ],
+)
+def test_bad_dataset_options_are_one_line_config_errors(kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    from flora.errors import FloraConfigError
+
+    with pytest.raises(FloraConfigError) as info:
+        SyntheticShapes(**kwargs)
+    assert str(info.value) == message

@@ -14,10 +14,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms as T
 
-from flora.data.errors import FloraDataError
+from flora.data.errors import FloraDataError, check_option
 from flora.data.features import FeatureCache
 from flora.data.partition import Partitioner
 from flora.data.shards import (
+    empty_test_message,
     load_manifest,
     manifest_matches,
     read_client_samples,
@@ -62,6 +63,10 @@ class FederatedDataModule(L.LightningDataModule):
             base-class test set and on the novel-class test set.
         client_id: the client served by ``train_dataloader`` / ``val_dataloader`` /
             ``test_dataloader`` when the module is used with a plain ``lightning.Trainer``.
+
+    Out-of-range options raise :class:`flora.errors.FloraConfigError` at construction
+    (``data.batch_size must be >= 1, got 0``). :meth:`setup` refuses a manifest in which a
+    client has no test samples (it could never be evaluated), naming the clients.
     """
 
     def __init__(
@@ -80,6 +85,10 @@ class FederatedDataModule(L.LightningDataModule):
         client_id: int = 0,
     ) -> None:
         super().__init__()
+        check_option("data.batch_size", batch_size, low=1)
+        check_option("data.eval_batch_size", eval_batch_size, low=1)
+        check_option("data.num_workers", num_workers, low=0)
+        check_option("data.client_id", client_id, low=0)
         self.root = Path(root)
         self.dataset = dataset
         self.partition = partition
@@ -128,6 +137,14 @@ class FederatedDataModule(L.LightningDataModule):
                     f"shards under {self.root} were prepared with base_novel={manifest.get('base_novel', False)}, "
                     f"but data.base_novel is {self.base_novel}"
                 )
+            clients = manifest.get("clients", [])
+            no_test = [int(c.get("id", i)) for i, c in enumerate(clients) if int(c.get("num_test", 0)) == 0]
+            if no_test:
+                raise FloraDataError(
+                    f"{self.root}: {empty_test_message(no_test, len(clients))} and could not be evaluated; "
+                    "prepare the data again into a new data.root with fewer clients (data.partition.num_clients), "
+                    "a larger data.partition.min_size or data.partition.test: all"
+                )
             self.manifest = manifest
 
     def _require_manifest(self) -> dict[str, Any]:
@@ -168,12 +185,31 @@ class FederatedDataModule(L.LightningDataModule):
     def num_samples(self, client_id: int, split: str = "train") -> int:
         return int(self._client(client_id)[f"num_{split}"])
 
-    def shard_digest(self, client_id: int | str, split: str) -> str:
+    def _shards(self, client_id: int | str, split: str) -> list[dict[str, Any]]:
         if isinstance(client_id, str):
-            shards = self._require_manifest().get("global", {}).get(client_id, [])
-        else:
-            shards = self._client(client_id)["shards"][split]
-        return ",".join(s["sha256"] for s in shards)
+            return list(self._require_manifest().get("global", {}).get(client_id, []))
+        return list(self._client(client_id)["shards"][split])
+
+    def shard_digest(self, client_id: int | str, split: str) -> str:
+        """The manifest's sha256 of every shard of one client split (or shared test set)."""
+        return ",".join(s["sha256"] for s in self._shards(client_id, split))
+
+    def shard_state(self, client_id: int | str, split: str) -> str:
+        """``size:mtime_ns`` of every shard file on disk, part of the feature-cache key.
+
+        A shard that was changed, replaced or damaged after its features were cached gets
+        a new key, so it is read (and its sha256 checked) again instead of being hidden
+        by a warm cache. Cost: one ``stat`` per shard per lookup (no file is read).
+        """
+        states = []
+        for shard in self._shards(client_id, split):
+            path = self.root / shard["file"]
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise FloraDataError(f"shard {path} is missing; re-run `flora prepare`") from None
+            states.append(f"{st.st_size}:{st.st_mtime_ns}")
+        return ",".join(states)
 
     # ------------------------------------------------------------- transforms
     def set_transform(self, transform: Callable[[Any], Tensor], image_size: int | None = None) -> None:
@@ -241,7 +277,11 @@ class FederatedDataModule(L.LightningDataModule):
             return torch.cat(feats), torch.cat(labels)
 
         key = FeatureCache.make_key(
-            encoder_key, repr(self._eval_tf()), self.shard_digest(client_id, split), client_id
+            encoder_key,
+            repr(self._eval_tf()),
+            self.shard_digest(client_id, split),
+            client_id,
+            self.shard_state(client_id, split),
         )
         feats, labels = self.cache.get_or_compute(key, compute)
         return TensorDataset(feats, labels)

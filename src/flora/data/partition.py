@@ -3,6 +3,10 @@
 A partition is a pure function of (labels, parameters, seed). Class order is always
 label order. Each partitioner assigns training indices; the test split follows the
 training mix (``test: matched``) or is given whole to every client (``test: all``).
+
+Every option is range-checked when the partitioner is built: a bad value raises
+:class:`flora.errors.FloraConfigError` with one line that names the option as a config
+writes it (``data.partition.alpha must be > 0, got 0``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flora.data.errors import FloraDataError
+from flora.data.errors import FloraDataError, check_choice, check_option
 
 
 @dataclass
@@ -23,6 +27,10 @@ class Partition:
     train: list[np.ndarray]
     test: list[np.ndarray]
     num_classes: int
+    #: label -> sorted ids of the clients that hold it, where classes are shared between
+    #: clients (a pathological partition with ``num_clients x classes_per_client > num_classes``);
+    #: None otherwise.
+    class_holders: dict[int, list[int]] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -66,13 +74,14 @@ class Partitioner:
     """
 
     def __init__(self, num_clients: int = 10, seed: int = 0, test: str = "matched") -> None:
-        if num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-        if test not in ("matched", "all"):
-            raise ValueError(f"test must be 'matched' or 'all', got {test!r}")
+        check_option("data.partition.num_clients", num_clients, low=1)
+        check_option("data.partition.seed", seed, low=0)
+        check_choice("data.partition.test", test, ("matched", "all"))
         self.num_clients = num_clients
         self.seed = seed
         self.test = test
+        # set by assign_train where classes are shared (private: not part of describe())
+        self._class_holders: dict[int, list[int]] | None = None
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -94,11 +103,12 @@ class Partitioner:
         train_labels = np.asarray(train_labels, dtype=np.int64)
         test_labels = np.asarray(test_labels, dtype=np.int64)
         rng = np.random.default_rng(self.seed)
+        self._class_holders = None
         train = [
             np.sort(np.asarray(t, dtype=np.int64))
             for t in self.assign_train(train_labels, num_classes, train_domains, rng)
         ]
-        part = Partition(train=train, test=[], num_classes=num_classes)
+        part = Partition(train=train, test=[], num_classes=num_classes, class_holders=self._class_holders)
         if self.test == "all":
             part.test = [np.arange(len(test_labels), dtype=np.int64) for _ in train]
         else:
@@ -180,8 +190,9 @@ class Dirichlet(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(num_clients, seed, test)
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        check_option("data.partition.alpha", alpha, low=0, low_open=True)
+        check_option("data.partition.min_size", min_size, low=0)
+        check_option("data.partition.max_retries", max_retries, low=1)
         self.alpha = alpha
         self.min_size = min_size
         self.max_retries = max_retries
@@ -220,10 +231,18 @@ class Dirichlet(Partitioner):
 
 
 class Pathological(Partitioner):
-    """Each client owns a contiguous block of ``classes_per_client`` classes of a seeded class shuffle.
+    """Each client owns ``classes_per_client`` classes of a seeded class shuffle.
 
-    The last client takes the remaining classes. With ``num_shots`` each client keeps
-    only that many training images per owned class (few-shot).
+    * ``num_clients x classes_per_client <= num_classes``: disjoint contiguous blocks of
+      the shuffled class list; the last client takes the remaining classes.
+    * Otherwise classes are shared: client ``i`` owns the ``classes_per_client`` classes at
+      positions ``i*s, i*s + 1, ...`` (mod ``num_classes``) of the shuffled list, so every
+      class is held by ``floor`` or ``ceil`` of ``N x s / C`` clients, and each class's
+      samples are split evenly at random among its holders (sizes differ by at most one).
+      :attr:`Partition.class_holders` (and the manifest's ``class_holders``) lists them.
+
+    With ``num_shots`` each client keeps only that many training images per owned class
+    (few-shot; with shared classes, ``num_shots`` distinct images per holder).
     """
 
     def __init__(
@@ -235,23 +254,25 @@ class Pathological(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(num_clients, seed, test)
-        if classes_per_client < 1:
-            raise ValueError("classes_per_client must be >= 1")
+        check_option("data.partition.classes_per_client", classes_per_client, low=1)
+        check_option("data.partition.num_shots", num_shots, low=1, allow_none=True)
         self.classes_per_client = classes_per_client
         self.num_shots = num_shots
 
     def assign_train(self, labels, num_classes, domains, rng):  # type: ignore[no-untyped-def]
-        need = self.num_clients * self.classes_per_client
-        if need > num_classes:
+        s = self.classes_per_client
+        if s > num_classes:
             raise FloraDataError(
-                f"Pathological: {self.num_clients} clients x {self.classes_per_client} classes = {need} "
-                f"exceeds the {num_classes} classes of the dataset"
+                f"Pathological: classes_per_client={s} exceeds the {num_classes} classes of the dataset; "
+                f"use classes_per_client <= {num_classes}"
             )
         order = rng.permutation(num_classes)
+        if self.num_clients * s > num_classes:
+            return self._assign_shared(labels, num_classes, order, rng)
         out = []
         for c in range(self.num_clients):
-            stop = (c + 1) * self.classes_per_client if c < self.num_clients - 1 else num_classes
-            owned = order[c * self.classes_per_client : stop]
+            stop = (c + 1) * s if c < self.num_clients - 1 else num_classes
+            owned = order[c * s : stop]
             chunks = []
             for k in sorted(owned.tolist()):
                 idx = np.flatnonzero(labels == k)
@@ -265,6 +286,44 @@ class Pathological(Partitioner):
             out.append(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64))
         return out
 
+    def _assign_shared(
+        self, labels: np.ndarray, num_classes: int, order: np.ndarray, rng: np.random.Generator
+    ) -> list[np.ndarray]:
+        n, s = self.num_clients, self.classes_per_client
+        holders: dict[int, list[int]] = {k: [] for k in range(num_classes)}
+        for c in range(n):
+            for j in range(s):
+                holders[int(order[(c * s + j) % num_classes])].append(c)
+        parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+        for k in range(num_classes):  # label order: the random draws never depend on the shuffle
+            who = holders[k]
+            if not who:
+                continue
+            idx = rng.permutation(np.flatnonzero(labels == k))
+            need = len(who) * (self.num_shots or 1)
+            if len(idx) < need:
+                shown = ", ".join(str(c) for c in who[:8]) + (
+                    f", ... {len(who) - 8} more" if len(who) > 8 else ""
+                )
+                what = (
+                    f"{len(who)} clients x num_shots={self.num_shots}"
+                    if self.num_shots
+                    else f"{len(who)} clients"
+                )
+                raise FloraDataError(
+                    f"Pathological: class {k} has {len(idx)} training samples but {len(who)} clients ({shown}) "
+                    f"hold it, which needs at least {need} ({what}); use fewer clients"
+                    f"{', fewer classes_per_client or fewer num_shots' if self.num_shots else ' or fewer classes_per_client'}"
+                )
+            if self.num_shots is not None:
+                chunks = np.split(idx[:need], len(who))
+            else:
+                chunks = np.array_split(idx, len(who))
+            for c, chunk in zip(who, chunks):
+                parts[c].append(chunk)
+        self._class_holders = holders
+        return [np.concatenate(p) for p in parts]
+
 
 class FewShot(Partitioner):
     """Every client gets ``num_shots`` random training images of every class, disjoint across clients."""
@@ -273,6 +332,7 @@ class FewShot(Partitioner):
         self, num_clients: int = 10, num_shots: int = 16, seed: int = 0, test: str = "matched"
     ) -> None:
         super().__init__(num_clients, seed, test)
+        check_option("data.partition.num_shots", num_shots, low=1)
         self.num_shots = num_shots
 
     def assign_train(self, labels, num_classes, domains, rng):  # type: ignore[no-untyped-def]
@@ -305,6 +365,9 @@ class Domains(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(1, seed, test)
+        check_option("data.partition.clients_per_domain", clients_per_domain, low=1)
+        check_option("data.partition.alpha", alpha, low=0, low_open=True, allow_none=True)
+        check_option("data.partition.min_size", min_size, low=0)
         self.clients_per_domain = clients_per_domain
         self.alpha = alpha
         self.min_size = min_size

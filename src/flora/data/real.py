@@ -5,11 +5,18 @@ Every loader indexes its files lazily (on first use, so building one from a conf
 touches the disk) and keeps only paths and labels in memory; `image()` opens one file.
 Sample order never depends on directory listing order, and class names are in label order,
 with "_" replaced by " ".  Problems with the files on disk raise `FloraDataError` with a
-one-line message naming the path and how to fix it.
+one-line message naming the path and how to fix it; bad constructor arguments raise
+`flora.errors.FloraConfigError` naming the option (``data.dataset.<name>``).
+
+CIFAR's python release is a set of pickles. They are read with a restricted unpickler that
+only rebuilds what those files contain (dicts, lists, strings, bytes, numbers and numpy
+arrays); a file that refers to anything else (e.g. ``os.system``) is refused with a
+`FloraDataError` before any of it runs.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -19,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flora.data.errors import FloraDataError
+from flora.data.errors import FloraDataError, check_option, config_error
 from flora.data.synthetic import SPLITS, SourceDataset
 
 __all__ = [
@@ -190,15 +197,61 @@ def _get_key(d: Any, key: str, path: Path) -> Any:
     )
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables that pickled arrays and scalars refer to, under numpy 1.x and 2.x names."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy(._)core.multiarray._reconstruct
+    scalar = np.int64(0).__reduce__()[0]  # numpy(._)core.multiarray.scalar
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy(._)core.numeric._frombuffer (pickle protocol 5)
+    if getattr(frombuffer, "__name__", "") == "_frombuffer":
+        for core in ("numpy.core", "numpy._core"):
+            allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    import _codecs
+
+    allowed[("_codecs", "encode")] = _codecs.encode  # bytes in protocol-2 pickles written by Python 3
+    return allowed
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds builtin containers/scalars and numpy arrays only; any other global is refused."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _numpy_globals()
+        obj = _CifarUnpickler._allowed.get((module, name))
+        if obj is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return obj
+
+
 def _load_pickle(path: Path) -> Any:
     _require_file(
         path, "CIFAR file", "re-download the data (download: true) or place the original files there"
     )
     try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise FloraDataError(f"cannot read CIFAR file {path} ({err}); re-download the data") from err
+    try:
+        return _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise FloraDataError(
+            f"CIFAR file {path} refers to {err}, which a CIFAR data file never contains; "
+            "refusing to load it (it may be malicious), re-download the data"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any malformed pickle is a data error
+        raise FloraDataError(
+            f"cannot read CIFAR file {path} ({type(err).__name__}: {err}); re-download the data"
+        ) from err
 
 
 class CIFAR(SourceDataset):
@@ -220,7 +273,7 @@ class CIFAR(SourceDataset):
 
     def __init__(self, name: str = "cifar10", root: str = "data/raw", download: bool = False) -> None:
         if name not in _CIFAR_SPECS:
-            raise ValueError(f"unknown CIFAR name {name!r}; valid names: {sorted(_CIFAR_SPECS)}")
+            raise config_error(f"data.dataset.name must be one of {sorted(_CIFAR_SPECS)}, got {name!r}")
         self.name = name
         self.root = root
         self.download = download
@@ -347,7 +400,7 @@ class CoOpDataset(_FileDataset):
 
     def __init__(self, name: str = "oxford_pets", root: str = "data/raw", include_val: bool = False) -> None:
         if name not in COOP_PRESETS:
-            raise ValueError(f"unknown CoOp dataset {name!r}; valid names: {sorted(COOP_PRESETS)}")
+            raise config_error(f"data.dataset.name must be one of {sorted(COOP_PRESETS)}, got {name!r}")
         self.name = name
         self.root = root
         self.include_val = include_val
@@ -449,12 +502,12 @@ DOMAINNET_FL_CLASSES: list[str] = [
 ]
 
 
-def _check_domains(domains: list[str], what: str) -> list[str]:
+def _check_domains(domains: list[str]) -> list[str]:
     domains = [str(d) for d in domains]
     if not domains:
-        raise ValueError(f"{what}: domains must name at least one domain")
+        raise config_error("data.dataset.domains must name at least one domain")
     if len(set(domains)) != len(domains):
-        raise ValueError(f"{what}: domains must not repeat, got {domains}")
+        raise config_error(f"data.dataset.domains must not repeat, got {domains}")
     return domains
 
 
@@ -488,16 +541,16 @@ class DomainNet(_FileDataset):
         all_classes: bool = False,
     ) -> None:
         self.root = root
-        self.domain_names = _check_domains(
-            list(DOMAINNET_DOMAINS) if domains is None else list(domains), "DomainNet"
-        )
+        self.domain_names = _check_domains(list(DOMAINNET_DOMAINS) if domains is None else list(domains))
         self.classes = list(DOMAINNET_FL_CLASSES) if classes is None else [str(c) for c in classes]
         self.all_classes = all_classes
         if not all_classes:
             if not self.classes:
-                raise ValueError("DomainNet: classes must name at least one class (or set all_classes: true)")
+                raise config_error(
+                    "data.dataset.classes must name at least one class (or set all_classes: true)"
+                )
             if len(set(self.classes)) != len(self.classes):
-                raise ValueError(f"DomainNet: classes must not repeat, got {self.classes}")
+                raise config_error(f"data.dataset.classes must not repeat, got {self.classes}")
 
     def _read_split_file(self, path: Path) -> list[tuple[str, str, int]]:
         """Sorted (relative path, class folder, original label) of every line of a split file."""
@@ -636,13 +689,11 @@ class OfficeCaltech10(_FileDataset):
         test_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        check_option("data.dataset.test_fraction", test_fraction, low=0.0, high=1.0, high_open=True)
+        check_option("data.dataset.seed", seed, low=0)
         self.root = root
         self.domain_names = _check_domains(
-            list(OFFICE_CALTECH10_DOMAINS) if domains is None else list(domains), "OfficeCaltech10"
+            list(OFFICE_CALTECH10_DOMAINS) if domains is None else list(domains)
         )
         self.test_fraction = float(test_fraction)
         self.seed = seed

@@ -10,6 +10,16 @@ Shards are written with a fixed mtime, so preparing twice gives byte-identical f
 and manifests. Everything is written into a temporary folder first and moved into
 place at the end; the manifest is the last file written, so a crash never leaves a
 manifest that points at missing or half-written shards.
+
+Where a pathological partition shares classes between clients
+(``num_clients x classes_per_client > num_classes``), the manifest also has
+``"class_holders": {"<class name>": [client ids, ...], ...}`` (class names in label order,
+client ids ascending); it is absent when every class has one owner, so disjoint
+partitions keep exactly the manifest they always had.
+
+Every client must have training and test samples: a partition that leaves a client
+without either is refused before anything is written, and a manifest with such a
+client (written by an older flora) is refused by ``FederatedDataModule.setup``.
 """
 
 from __future__ import annotations
@@ -94,6 +104,18 @@ def write_federated_shards(
     for cid, idx in enumerate(part.train):
         if len(idx) == 0:
             raise FloraDataError(f"client {cid} received no training data from {type(partitioner).__name__}")
+    no_test = [cid for cid, idx in enumerate(part.test) if len(idx) == 0]
+    if no_test and len(keep["test"]) == 0:
+        raise FloraDataError(
+            f"{type(source).__name__} has no test samples{' of the base classes' if base_novel else ''}; "
+            "every client needs test samples to be evaluated"
+        )
+    if no_test:
+        raise FloraDataError(
+            f"{type(partitioner).__name__}: {empty_test_message(no_test, part.num_clients, 'got')}; "
+            "use fewer clients (data.partition.num_clients), a larger data.partition.min_size or "
+            "data.partition.test: all"
+        )
     train_counts = part.counts("train", labels["train"])
     test_counts = part.counts("test", labels["test"])
 
@@ -145,6 +167,10 @@ def write_federated_shards(
             "base_novel": base_novel,
             "clients": clients,
         }
+        if part.class_holders is not None:
+            manifest["class_holders"] = {
+                source.class_names[k]: list(part.class_holders[k]) for k in range(num_classes)
+            }
         if base_novel:
             manifest["base_classes"] = [source.class_names[k] for k in base]
             manifest["novel_classes"] = [source.class_names[k] for k in novel]
@@ -164,6 +190,13 @@ def write_federated_shards(
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def empty_test_message(client_ids: list[int], num_clients: int, verb: str = "have") -> str:
+    """``"3 of 200 clients have no test samples (clients 4, 9, 17)"``, listing at most five ids."""
+    shown = ", ".join(str(c) for c in client_ids[:5])
+    more = f" and {len(client_ids) - 5} more" if len(client_ids) > 5 else ""
+    return f"{len(client_ids)} of {num_clients} clients {verb} no test samples (clients {shown}{more})"
 
 
 def _remove_stale_temporaries(root: Path) -> None:

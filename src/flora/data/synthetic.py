@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from flora.data.errors import check_option, config_error
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -388,25 +390,21 @@ class SyntheticShapes(SourceDataset):
         seed: int = 0,
     ) -> None:
         styles = ["photo"] if styles is None else list(styles)
-        if not 1 <= num_colors <= len(COLORS):
-            raise ValueError(f"num_colors must be in [1, {len(COLORS)}], got {num_colors}")
-        if not 1 <= num_shapes <= len(SHAPES):
-            raise ValueError(f"num_shapes must be in [1, {len(SHAPES)}], got {num_shapes}")
-        if train_per_class < 1:
-            raise ValueError(f"train_per_class must be >= 1, got {train_per_class}")
-        if test_per_class < 0:
-            raise ValueError(f"test_per_class must be >= 0, got {test_per_class}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        check_option("data.dataset.num_colors", num_colors, low=1, high=len(COLORS))
+        check_option("data.dataset.num_shapes", num_shapes, low=1, high=len(SHAPES))
+        check_option("data.dataset.train_per_class", train_per_class, low=1)
+        check_option("data.dataset.test_per_class", test_per_class, low=0)
+        check_option("data.dataset.image_size", image_size, low=8)
+        check_option("data.dataset.seed", seed, low=0)
         if not styles:
-            raise ValueError("styles must name at least one style")
+            raise config_error("data.dataset.styles must name at least one style")
         unknown = [s for s in styles if s not in STYLES]
         if unknown:
-            raise ValueError(f"unknown style(s) {unknown}; valid styles: {sorted(STYLES)}")
+            raise config_error(
+                f"data.dataset.styles: unknown style(s) {unknown}; valid styles: {sorted(STYLES)}"
+            )
         if len(set(styles)) != len(styles):
-            raise ValueError(f"styles must not repeat, got {styles}")
+            raise config_error(f"data.dataset.styles must not repeat, got {styles}")
         self.num_colors = num_colors
         self.num_shapes = num_shapes
         self.train_per_class = train_per_class
