@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: install
-	$(BIN)/flora fit --config configs/quickstart.yaml
+	$(BIN)/flora fit --config configs/quickstart.yaml --trainer.overwrite true
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q

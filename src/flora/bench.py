@@ -197,6 +197,7 @@ def _run(
         seed=seed,
         output_dir=str(work / "runs"),
         name=name,
+        overwrite=True,  # a benchmark regenerates its runs
         progress=False,
         loggers=[],
     )
@@ -573,6 +574,7 @@ def run_speed(
                 strategy="ddp_spawn" if n_dev > 1 else "auto",
                 output_dir=str(work / "runs"),
                 name=name,
+                overwrite=True,
                 progress=False,
                 loggers=[],
                 profile=True,

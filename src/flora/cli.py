@@ -10,6 +10,7 @@ of a config's ``data`` section.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,10 +23,25 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from flora.clip.backbone import PretrainedWeightsError
 from flora.data.datamodule import FederatedDataModule
 from flora.data.errors import FloraDataError
+from flora.errors import FloraConfigError, FloraRunError
 from flora.federated.trainer import CheckpointError, FederatedTrainer
 from flora.methods.base import FederatedPromptModule
 
-_FRIENDLY_ERRORS = (FloraDataError, CheckpointError, PretrainedWeightsError, FloatingPointError)
+# errors whose message is the whole story: printed as one line, no traceback (FLORA_DEBUG=1 shows it)
+_FRIENDLY_ERRORS = (
+    FloraDataError,
+    FloraConfigError,
+    FloraRunError,
+    CheckpointError,
+    PretrainedWeightsError,
+    FloatingPointError,
+)
+# what a process sees when another process of the same run died (gloo / nccl)
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator")
+
+
+class ConfigFileError(FloraConfigError):
+    """A config file that cannot be read or parsed."""
 
 
 class FloraCLI(LightningCLI):
@@ -58,6 +74,13 @@ class FloraCLI(LightningCLI):
         parser.add_class_arguments(FederatedTrainer, "trainer", instantiate=False, sub_configs=True)
         parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True)
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """Never merge a checkpoint's hyperparameters into the config: the config is the user's alone.
+
+        (LightningCLI would read ``hyper_parameters`` from ``--ckpt_path`` and override the
+        ``model`` section with them; flora checks a checkpoint against the configured model instead.)
+        """
 
     def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:  # type: ignore[override]
         config = dict(self._get(self.config_init, "trainer", default={}))
@@ -108,6 +131,8 @@ def _requested_method(argv: Sequence[str]) -> str | None:
                     cfg = yaml.safe_load(fh) or {}
             except OSError:
                 continue
+            except yaml.YAMLError as err:
+                raise ConfigFileError(f"config {args[i + 1]} is not valid YAML: {_one_line(err)}") from None
             model = cfg.get("model") if isinstance(cfg, dict) else None
             if isinstance(model, dict):
                 value = model.get("class_path")
@@ -195,10 +220,50 @@ def bench_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _rank() -> int:
+    """This process's global rank in a multi-process run (0 otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for key in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _friendly_cause(err: BaseException) -> BaseException | None:
+    """``err`` or the error it wraps (jsonargparse wraps errors raised while building a nested class)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _FRIENDLY_ERRORS):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _report(err: BaseException) -> int:
+    """Print ``err`` as one line; in a multi-process run, say which rank and stay quiet where rank 0 speaks."""
+    rank = _rank()
+    if rank and getattr(err, "flora_raised_on_all_ranks", False):
+        return 1  # rank 0 prints the same error
+    where = f" (rank {rank})" if rank else ""
+    print(f"flora: error{where}: {_one_line(err)}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("FLORA_DEBUG", "") not in ("", "0")
+    # the per-process "Initializing distributed" banner would come before a run's own output and errors
+    logging.getLogger("lightning.fabric.utilities.distributed").setLevel(logging.WARNING)
     try:
         if argv and argv[0] == "prepare":
             return prepare_main(argv[1:])
@@ -213,10 +278,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         FloraCLI(args=None if from_sys else argv)
         return 0
-    except _FRIENDLY_ERRORS as err:
+    except Exception as err:
         if debug:
             raise
-        print(f"flora: error: {err}", file=sys.stderr)
+        friendly = _friendly_cause(err)
+        if friendly is not None:
+            return _report(friendly)
+        if not (isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_FAILURE)):
+            raise
+        # another process of this run failed first and printed its own error
+        print(
+            f"flora: error (rank {_rank()}): stopped because another process of this run failed "
+            "(its error is printed above)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
 
 

@@ -47,6 +47,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and k != "round"}
+
+
 def build_summary(
     history: list[dict[str, Any]], method: str, name: str, zero_shot: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -131,9 +135,14 @@ class RunReporter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config_text is not None:
-            _write_atomic(self.run_dir / "config.yaml", config_text)
-        # metrics.jsonl always mirrors the history (a resumed run drops rounds after its checkpoint)
+            config = self.run_dir / "config.yaml"
+            if resumed and config.is_file() and config.read_text() != config_text:
+                # a resume with other options keeps the config each part of the run ran with
+                config.replace(self.run_dir / f"config.before-round{trainer.completed_rounds + 1}.yaml")
+            _write_atomic(config, config_text)
+        # metrics.jsonl and the CSV always mirror the history (a resumed run drops rounds after its checkpoint)
         self._rewrite_metrics(trainer.history)
+        self._rewrite_csv(trainer.history)
         if self.progress:
             n_params = sum(p.numel() for p in module.trainable_parameters())
             cache = "on" if trainer.use_features else "off"
@@ -169,14 +178,29 @@ class RunReporter:
             cells.append(f"{fmt.format(value):>{width}}" if value is not None else f"{'-':>{width}}")
         return " ".join(cells)
 
+    def _csv_loggers(self) -> list[Any]:
+        from lightning.fabric.loggers import CSVLogger
+
+        return [
+            lg for lg in (self.fabric.loggers if self.fabric is not None else []) if isinstance(lg, CSVLogger)
+        ]
+
+    def _rewrite_csv(self, history: list[dict[str, Any]]) -> None:
+        for logger in self._csv_loggers():
+            (Path(logger.log_dir) / "metrics.csv").unlink(missing_ok=True)
+            for record in history:
+                logger.log_metrics(_numeric(record), step=record["round"])
+            logger.save()
+
     def round_done(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.fabric is not None:
-            numeric = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "round"}
-            self.fabric.log_dict(numeric, step=record["round"])
+            self.fabric.log_dict(_numeric(record), step=record["round"])
+            for logger in self._csv_loggers():
+                logger.save()  # on disk after every round, so a killed run loses no logged round
         if self.progress:
             if not self._header_done:
                 cols = self._columns(record)

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from flora.errors import FloraConfigError
+
 
 def derive_seed(seed: int, *keys: int) -> int:
     """An independent 63-bit seed for ``(seed, *keys)`` (e.g. one per round and client)."""
@@ -23,13 +25,16 @@ class ClientSampler:
 
     def __init__(self, num_clients: int, fraction: float = 1.0, seed: int = 0, per_round: int | None = None):
         if num_clients < 1:
-            raise ValueError("a federation needs at least one client")
+            raise FloraConfigError("a federation needs at least one client, the data has none")
         if per_round is None:
             if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"client_fraction must be in (0, 1], got {fraction}")
+                raise FloraConfigError(f"trainer.client_fraction must be in (0, 1], got {fraction}")
             per_round = max(1, math.ceil(round(fraction * num_clients, 6)))
         if not 1 <= per_round <= num_clients:
-            raise ValueError(f"clients_per_round must be in [1, {num_clients}], got {per_round}")
+            raise FloraConfigError(
+                f"trainer.clients_per_round must be in [1, {num_clients}] (the data has {num_clients} "
+                f"clients), got {per_round}"
+            )
         self.num_clients = num_clients
         self.per_round = per_round
         self.seed = seed

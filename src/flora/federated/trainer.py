@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 
 from flora.data.datamodule import FederatedDataModule
+from flora.errors import FloraConfigError, FloraRunError, check_range
 from flora.federated.metrics import ClientEval, evaluate_predictions, summarise
 from flora.federated.sampling import ClientSampler, derive_seed
 from flora.federated.store import ClientState, ClientStore, make_store, to_cpu_copy
@@ -39,6 +42,50 @@ _SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used for this run."""
+
+
+# what a finished or started run leaves in its folder: a new run never replaces these silently
+_RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "csv", "client_states", "config.yaml")
+_LOCK_NAME = ".lock"
+
+
+def _warn(text: str) -> None:
+    print(f"flora: warning: {text}", file=sys.stderr, flush=True)
+
+
+class _RunLock:
+    """An exclusive lock on a run folder, held by the process that writes it (rank 0)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / _LOCK_NAME
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - platforms without flock run unlocked
+            return
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise FloraRunError(
+                f"run folder {self.path.parent} is in use by another flora process (pid {holder}); "
+                "wait for it to finish or choose another --trainer.name"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
 
 
 @dataclass
@@ -93,11 +140,16 @@ class FederatedTrainer:
             across its turns) or ``reset`` (a fresh optimiser every turn). Never shared.
         state_store: ``memory`` or ``disk`` (under the run folder) for client states.
         max_steps_per_round: cap on optimiser steps per client per round (None: no cap).
+            Training only: evaluation fine-tuning (``eval_finetune_epochs`` of a method)
+            always runs its full epochs.
         output_dir, name: the run writes ``<output_dir>/<name>/``.
         loggers: ``csv`` and/or ``wandb`` (wandb honours ``WANDB_MODE``, e.g. offline).
         wandb_project: project name of the wandb run.
         progress: show progress output.
         checkpoint_every: write a checkpoint every N rounds (always after the last).
+        overwrite: replace the results of an earlier run with the same ``name``. Without it
+            ``fit`` refuses to start in a folder that already holds a run (resume it with
+            ``ckpt_path="last"`` instead, or choose another ``name``).
         zero_shot_reference: before training, evaluate zero-shot CLIP (the anchor
             template, no learned parts) with the same protocol; stored as ``zero_shot``
             in ``summary.json`` for comparison.
@@ -130,18 +182,39 @@ class FederatedTrainer:
         checkpoint_every: int = 1,
         zero_shot_reference: bool = False,
         profile: bool = False,
+        overwrite: bool = False,
     ) -> None:
-        if rounds < 0 or local_epochs < 1 or eval_every < 1 or checkpoint_every < 1:
-            raise ValueError(
-                "rounds >= 0, local_epochs >= 1, eval_every >= 1 and checkpoint_every >= 1 are required"
-            )
+        check_range("trainer.rounds", rounds, low=0)
+        check_range("trainer.local_epochs", local_epochs, low=1)
+        check_range("trainer.client_fraction", client_fraction, low=0, low_open=True, high=1)
+        check_range("trainer.clients_per_round", clients_per_round, low=1, allow_none=True)
+        check_range("trainer.eval_every", eval_every, low=1)
+        check_range("trainer.checkpoint_every", checkpoint_every, low=1)
+        check_range("trainer.max_steps_per_round", max_steps_per_round, low=1, allow_none=True)
+        check_range("trainer.num_nodes", num_nodes, low=1)
+        if isinstance(devices, int) and not isinstance(devices, bool):
+            check_range("trainer.devices", devices, low=-1)
+            if devices == 0:
+                raise FloraConfigError("trainer.devices must be >= 1 (or -1 / 'auto' for all), got 0")
         if str(precision) not in _SUPPORTED_PRECISION:
-            raise ValueError(f"precision must be one of {_SUPPORTED_PRECISION}, got {precision!r}")
+            raise FloraConfigError(
+                f"trainer.precision must be one of {', '.join(_SUPPORTED_PRECISION)}, got {precision!r}"
+            )
         if optimizer_state not in ("persist", "reset"):
-            raise ValueError(f"optimizer_state must be 'persist' or 'reset', got {optimizer_state!r}")
+            raise FloraConfigError(
+                f"trainer.optimizer_state must be 'persist' or 'reset', got {optimizer_state!r}"
+            )
+        if state_store not in ("memory", "disk"):
+            raise FloraConfigError(f"trainer.state_store must be 'memory' or 'disk', got {state_store!r}")
         unknown = set(loggers) - {"csv", "wandb"}
         if unknown:
-            raise ValueError(f"unknown logger(s) {sorted(unknown)}; use 'csv' and/or 'wandb'")
+            raise FloraConfigError(
+                f"trainer.loggers: unknown logger(s) {sorted(unknown)}; use csv and/or wandb"
+            )
+        if not str(name).strip() or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+            raise FloraConfigError(
+                f"trainer.name must be a relative folder name inside output_dir, got {name!r}"
+            )
         self.rounds = rounds
         self.local_epochs = local_epochs
         self.client_fraction = client_fraction
@@ -165,6 +238,7 @@ class FederatedTrainer:
         self.checkpoint_every = checkpoint_every
         self.zero_shot_reference = zero_shot_reference
         self.profile = profile
+        self.overwrite = overwrite
         self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
 
     # ------------------------------------------------------------------ paths
@@ -176,13 +250,76 @@ class FederatedTrainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
-    def _resolve_ckpt(self, ckpt_path: str | None) -> Path | None:
+    def _resolve_ckpt(self, ckpt_path: str | os.PathLike | None, fresh_ok: bool = False) -> Path | None:
+        """The checkpoint file to start from. ``"last"`` is this run's ``last.ckpt``.
+
+        With ``fresh_ok`` (``fit``), ``"last"`` without a checkpoint means a fresh start.
+        """
         if ckpt_path is None:
             return None
-        path = self.checkpoint_path if ckpt_path == "last" else Path(ckpt_path)
+        if str(ckpt_path) == "last":
+            path = self.checkpoint_path
+            if not path.is_file():
+                if fresh_ok:
+                    return None
+                raise CheckpointError(f"checkpoint not found: {path} (the run has not finished a round yet)")
+            return path
+        path = Path(ckpt_path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         return path
+
+    def _claim_run_dir(self, resuming: bool, ckpt: Path | None) -> _RunLock:
+        """Create and lock the run folder; refuse (or, with ``overwrite``, clear) a folder holding another run.
+
+        Called on rank 0 before the processes start, so every refusal comes before any file is written.
+        """
+        run_dir = self.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = _RunLock(run_dir)
+            lock.acquire()
+        except OSError as err:
+            raise FloraRunError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from None
+        try:
+            if not os.access(run_dir, os.W_OK):
+                raise FloraRunError(f"cannot write the run folder {run_dir}: permission denied")
+            found = [n for n in _RUN_FILES if (run_dir / n).exists()]
+            same_run = resuming and (ckpt is None or ckpt.resolve().is_relative_to(run_dir.resolve()))
+            if found and not same_run:
+                if not self.overwrite:
+                    raise FloraRunError(
+                        f"run folder {run_dir} already holds a run ({', '.join(found)}); resume it with "
+                        "--ckpt_path last, choose another --trainer.name, or replace it with "
+                        "--trainer.overwrite true"
+                    )
+                for entry in run_dir.iterdir():
+                    if entry.name == _LOCK_NAME:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            # temporary files of a process killed mid-write are never valid data
+            for tmp in run_dir.rglob("*.tmp*"):
+                if tmp.is_file() and tmp.suffix[4:].isdigit():
+                    tmp.unlink()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _check_precision(self) -> None:
+        """Refuse a precision that would not run as asked (before Fabric would silently change it)."""
+        acc = str(self.accelerator)
+        gpu = torch.cuda.is_available() or (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        )
+        if self.precision == "16-mixed" and (acc == "cpu" or (acc == "auto" and not gpu)):
+            raise FloraConfigError(
+                "trainer.precision 16-mixed needs a GPU (on cpu it would run as bf16-mixed); "
+                "use bf16-mixed or 32-true"
+            )
 
     # ----------------------------------------------------------------- fabric
     def _make_fabric(self) -> Fabric:
@@ -246,9 +383,21 @@ class FederatedTrainer:
             )
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError("a FederatedDataModule is required (data: section of the config)")
-        self._resolve_ckpt(args[0] if args else None)
+        fitting = fn == self._fit
+        ckpt_path, rest = (args[0] if args else None), args[1:]
+        ckpt = self._resolve_ckpt(ckpt_path, fresh_ok=fitting)
+        self._check_precision()
         fabric = self._make_fabric()
-        return fabric.launch(fn, model, datamodule, *args)
+        lock = None
+        if fitting and fabric.global_rank == 0:
+            lock = self._claim_run_dir(resuming=ckpt_path is not None, ckpt=ckpt)
+            if ckpt_path is not None and ckpt is None:
+                _warn(f"no checkpoint at {self.checkpoint_path}: starting the run {self.name!r} from round 0")
+        try:
+            return fabric.launch(fn, model, datamodule, ckpt, *rest)
+        finally:
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------ setup
     def _setup(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule) -> None:
@@ -256,9 +405,7 @@ class FederatedTrainer:
         if fabric.device.type == "cpu" and fabric.world_size > 1:
             local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", fabric.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-        if fabric.is_global_zero:
-            dm.prepare_data()
-        fabric.barrier()
+        self._on_rank_zero_for_all(fabric, dm.prepare_data)
         dm.setup("fit")
         module.set_task(dm.class_names)
         module.to(fabric.device)
@@ -277,6 +424,28 @@ class FederatedTrainer:
         self.history: list[dict[str, Any]] = []
         self.zero_shot: dict[str, Any] | None = None
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_time_s": 0.0}
+
+    @staticmethod
+    def _on_rank_zero_for_all(fabric: Fabric, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on rank 0; if it fails, every rank raises that error (no rank left waiting)."""
+        error: BaseException | None = None
+        if fabric.is_global_zero:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        if fabric.world_size > 1:
+            box = [error]
+            try:
+                dist.broadcast_object_list(box, src=0)
+            except Exception:  # noqa: BLE001 - an error that cannot be pickled is sent as its message
+                box = [FloraRunError(f"{type(error).__name__}: {error}")] if error is not None else [None]
+                dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if not fabric.is_global_zero:
+                error.flora_raised_on_all_ranks = True  # type: ignore[attr-defined]
+            raise error
 
     def _encoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if not self.use_features:
@@ -319,8 +488,11 @@ class FederatedTrainer:
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
@@ -339,6 +511,11 @@ class FederatedTrainer:
                 f"checkpoint {path} belongs to another task ({ckpt['num_clients']} clients, "
                 f"{len(ckpt['class_names'])} classes); this data has {self.dm.num_clients} clients, "
                 f"{len(self.module.class_names)} classes"
+            )
+        if int(ckpt.get("seed", self.seed)) != self.seed:
+            raise CheckpointError(
+                f"checkpoint {path} was written with trainer.seed {ckpt['seed']}, but this run has "
+                f"trainer.seed {self.seed}; a resumed run keeps its seed (client sampling and data order follow it)"
             )
         try:
             self.module.load_global_state(ckpt["global_state"])
@@ -369,18 +546,30 @@ class FederatedTrainer:
         return state
 
     def _local_training(
-        self, client_id: int, epochs: int, seed: int, previous: ClientState | None, label: str
+        self,
+        client_id: int,
+        epochs: int,
+        seed: int,
+        previous: ClientState | None,
+        label: str,
+        max_steps: int | None = None,
     ) -> tuple[list[float], int, int, int, Any]:
         """``epochs`` of local SGD on the client's training split, on whatever the module holds now.
 
-        Returns the losses, steps, samples seen, training-set size and the optimizer.
+        At most ``max_steps`` optimiser steps when given. Returns the losses, steps, samples
+        seen, training-set size and the optimizer.
         """
         fabric, module = self.fabric, self.module
         optimizer = module.configure_optimizers()
         if isinstance(optimizer, dict):
             optimizer = optimizer["optimizer"]
         if self.optimizer_state == "persist" and previous is not None and previous.optim is not None:
+            # the client's moments persist; its hyperparameters (lr, momentum, ...) are the
+            # configured ones, so an override given on resume takes effect
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(to_cpu_copy(previous.optim))
+            for group, hyper in zip(optimizer.param_groups, configured):
+                group.update(hyper)
         optimizer = fabric.setup_optimizers(optimizer)
         torch.manual_seed(seed)
         loader = self._loader(client_id, "train", train=True, seed=seed)
@@ -410,9 +599,9 @@ class FederatedTrainer:
                     losses.append(float(loss.detach()))
                     steps += 1
                     seen += int(batch[1].shape[0])
-                    if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
+                    if max_steps is not None and steps >= max_steps:
                         break
-                if self.max_steps_per_round is not None and steps >= self.max_steps_per_round:
+                if max_steps is not None and steps >= max_steps:
                     break
         module.eval()
         return losses, steps, seen, len(loader.dataset), optimizer
@@ -423,7 +612,7 @@ class FederatedTrainer:
         previous = self._prepare_client(client_id)
         seed = derive_seed(self.seed, 3, round_idx, client_id)
         losses, steps, seen, num_samples, optimizer = self._local_training(
-            client_id, self.local_epochs, seed, previous, f"round {round_idx + 1}"
+            client_id, self.local_epochs, seed, previous, f"round {round_idx + 1}", self.max_steps_per_round
         )
         optim_state = to_cpu_copy(optimizer.state_dict()) if self.optimizer_state == "persist" else None
         state = ClientState(
@@ -570,10 +759,13 @@ class FederatedTrainer:
 
         t1 = time.perf_counter()
         for r in results:
+            self._check_finite(round_idx, r)
+        for r in results:
             self.store.put(r.client_id, r.state)
         uploads = [(r.client_id, r.num_samples, r.upload) for r in results]
-        bytes_up = sum(_state_bytes(r.upload) for r in results)
-        bytes_down = sum(_state_bytes(self.module.download_state(c, self.global_state)) for c in sampled)
+        up = [_state_bytes(r.upload) for r in results]
+        down = [_state_bytes(self.module.download_state(c, self.global_state)) for c in sampled]
+        bytes_up, bytes_down = sum(up), sum(down)
         self.global_state = to_cpu_copy(self.module.aggregate(uploads, self.global_state))
         t_agg = time.perf_counter() - t1
 
@@ -584,6 +776,8 @@ class FederatedTrainer:
             / max(1, sum(r.num_samples for r in results)),
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
+            "bytes_up_clients": up,  # per client, in the order of "clients"
+            "bytes_down_clients": down,
             "time_train_s": t_train,
             "time_aggregate_s": t_agg,
             "samples_trained_rank0": n_trained,
@@ -598,6 +792,23 @@ class FederatedTrainer:
             record["time_eval_s"] = time.perf_counter() - t2
         record["time_round_s"] = time.perf_counter() - t0
         return record
+
+    def _check_finite(self, round_idx: int, result: ClientResult) -> None:
+        """Refuse a client's upload or state with NaN/inf before anything is aggregated or stored."""
+        parts = {"upload": result.upload, "local state": result.state.local}
+        for what, state in parts.items():
+            for key, value in state.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    kept = (
+                        f"the last checkpoint ({self.checkpoint_path}, round {self.completed_rounds}) is kept"
+                        if self.completed_rounds > 0 and self.checkpoint_path.is_file()
+                        else "no checkpoint was written yet"
+                    )
+                    raise FloraRunError(
+                        f"round {round_idx + 1}: client {result.client_id} produced non-finite values in its "
+                        f"{what} ({key}); nothing was aggregated and {kept}. Lower the learning rate or "
+                        "use 32-true precision"
+                    )
 
     def _account(self, record: dict[str, Any]) -> None:
         self.totals["bytes_up_total"] += record.get("bytes_up", 0)
@@ -615,17 +826,22 @@ class FederatedTrainer:
         self._account(record)
         reporter.round_done(record)
 
-    def _fit(
-        self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt_path: str | None
-    ):
+    def _fit(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt: Path | None):
         self._setup(fabric, module, dm)
         reporter = RunReporter(
             self.run_dir, enabled=fabric.is_global_zero, progress=self.progress, fabric=fabric
         )
-        ckpt = self._resolve_ckpt(ckpt_path)
         if ckpt is not None:
             self._load_checkpoint(ckpt)
+            if self.completed_rounds > self.rounds:
+                raise FloraConfigError(
+                    f"trainer.rounds is {self.rounds}, but checkpoint {ckpt} has already completed "
+                    f"{self.completed_rounds} rounds; set --trainer.rounds {self.completed_rounds} or more "
+                    "to continue it"
+                )
             reporter.note(f"resumed from {ckpt} after round {self.completed_rounds}")
+            if module.is_trainable and self.completed_rounds == self.rounds:
+                reporter.note(f"the run already completed its {self.rounds} rounds: nothing left to train")
         elif self.state_store == "disk" and fabric.is_global_zero:
             for p in (self.run_dir / "client_states").glob("client-*"):
                 p.unlink()
@@ -641,7 +857,8 @@ class FederatedTrainer:
                 self._evaluate_initial(reporter)
             self.completed_rounds = self.rounds
         else:
-            if self.eval_before_training and not self.history:
+            # rounds 0 evaluates the initial model, so every run ends with a `final` result
+            if (self.eval_before_training or self.rounds == 0) and not self.history:
                 self._evaluate_initial(reporter)
             for round_idx in range(self.completed_rounds, self.rounds):
                 reporter.round_start(round_idx, self.rounds, len(self.sampler.clients(round_idx)))
@@ -662,11 +879,10 @@ class FederatedTrainer:
         fabric: Fabric,
         module: FederatedPromptModule,
         dm: FederatedDataModule,
-        ckpt_path: str | None,
+        ckpt: Path | None,
         kind: str,
     ) -> dict[str, Any]:
         self._setup(fabric, module, dm)
-        ckpt = self._resolve_ckpt(ckpt_path)
         if ckpt is not None:
             self._load_checkpoint(ckpt)
         metrics, evals = self._evaluate()
