@@ -389,12 +389,22 @@ class FederatedTrainer:
         self._check_precision()
         fabric = self._make_fabric()
         lock = None
+        created: Path | None = None  # the topmost folder this run creates
         if fitting and fabric.global_rank == 0:
+            missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+            created = missing[-1] if missing else None
             lock = self._claim_run_dir(resuming=ckpt_path is not None, ckpt=ckpt)
             if ckpt_path is not None and ckpt is None:
                 _warn(f"no checkpoint at {self.checkpoint_path}: starting the run {self.name!r} from round 0")
         try:
             return fabric.launch(fn, model, datamodule, ckpt, *rest)
+        except BaseException:
+            # a run that fails before writing a file leaves no folder behind
+            if created is not None and not any(
+                p.is_file() and p.name != _LOCK_NAME for p in created.rglob("*")
+            ):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
         finally:
             if lock is not None:
                 lock.release()
