@@ -251,8 +251,8 @@ def _friendly_cause(err: BaseException) -> BaseException | None:
 def _report(err: BaseException) -> int:
     """Print ``err`` as one line; in a multi-process run, say which rank and stay quiet where rank 0 speaks."""
     rank = _rank()
-    if rank and getattr(err, "flora_raised_on_all_ranks", False):
-        return 1  # rank 0 prints the same error
+    if getattr(err, "flora_raised_on_all_ranks", False):
+        return 1  # the process where it happened prints it
     where = f" (rank {rank})" if rank else ""
     print(f"flora: error{where}: {_one_line(err)}", file=sys.stderr, flush=True)
     return 1

@@ -47,6 +47,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _options(config_text: str) -> Any:
+    """A run's options as parsed YAML, without the checkpoint it was started from."""
+    import yaml
+
+    try:
+        options = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return config_text
+    if isinstance(options, dict):
+        options.pop("ckpt_path", None)
+    return options
+
+
 def _numeric(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, int | float) and k != "round"}
 
@@ -136,7 +149,7 @@ class RunReporter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config_text is not None:
             config = self.run_dir / "config.yaml"
-            if resumed and config.is_file() and config.read_text() != config_text:
+            if resumed and config.is_file() and _options(config.read_text()) != _options(config_text):
                 # a resume with other options keeps the config each part of the run ran with
                 config.replace(self.run_dir / f"config.before-round{trainer.completed_rounds + 1}.yaml")
             _write_atomic(config, config_text)

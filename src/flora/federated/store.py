@@ -63,9 +63,22 @@ class ClientStore:
             out[str(cid)] = state.to_dict()
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], write: bool = True) -> None:
+        """Make the store hold exactly the clients of ``state`` (e.g. a checkpoint's).
+
+        Clients not in ``state`` are forgotten. ``write=False`` is for processes that share
+        a disk store's folder with a writing process: they only take note of the ids.
+        """
+        self.clear(write)
         for cid, d in state.items():
-            self.put(int(cid), ClientState.from_dict(d))
+            self.put(int(cid), ClientState.from_dict(d)) if write else self._note(int(cid))
+
+    def clear(self, write: bool = True) -> None:
+        """Forget every client (``write=False``: leave shared files to the writing process)."""
+        raise NotImplementedError
+
+    def _note(self, client_id: int) -> None:
+        raise NotImplementedError
 
 
 class MemoryClientStore(ClientStore):
@@ -83,6 +96,12 @@ class MemoryClientStore(ClientStore):
 
     def client_ids(self) -> list[int]:
         return sorted(self._states)
+
+    def clear(self, write: bool = True) -> None:
+        self._states = {}
+
+    def load_state_dict(self, state: dict[str, Any], write: bool = True) -> None:
+        super().load_state_dict(state, write=True)  # memory is never shared between processes
 
 
 class DiskClientStore(ClientStore):
@@ -122,6 +141,15 @@ class DiskClientStore(ClientStore):
 
     def client_ids(self) -> list[int]:
         return sorted(self._ids)
+
+    def clear(self, write: bool = True) -> None:
+        if write:
+            for path in self.directory.glob("client-*"):
+                path.unlink()
+        self._ids = set()
+
+    def _note(self, client_id: int) -> None:
+        self._ids.add(client_id)
 
 
 def make_store(kind: str, directory: str | os.PathLike) -> ClientStore:

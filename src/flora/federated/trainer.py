@@ -436,6 +436,29 @@ class FederatedTrainer:
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_time_s": 0.0}
 
     @staticmethod
+    def _on_all_ranks(fabric: Fabric, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on every rank; if it fails anywhere, every rank stops (the failing one reports)."""
+        error: BaseException | None = None
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below
+            error = err
+        if fabric.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        failed: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(failed, error is not None)
+        if not any(failed):
+            return
+        first = failed.index(True)
+        if error is None:
+            error = FloraRunError(f"rank {first} failed (its error is printed above)")
+        if fabric.global_rank != first:
+            error.flora_raised_on_all_ranks = True  # type: ignore[attr-defined]
+        raise error
+
+    @staticmethod
     def _on_rank_zero_for_all(fabric: Fabric, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on rank 0; if it fails, every rank raises that error (no rank left waiting)."""
         error: BaseException | None = None
@@ -533,7 +556,8 @@ class FederatedTrainer:
             raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
         self.global_state = ckpt["global_state"]
         self.module.load_server_state_dict(ckpt["server_state"])
-        self.store.load_state_dict(ckpt["clients"])
+        # exactly the checkpoint's clients: a state written after it (by a killed run) is dropped
+        self.store.load_state_dict(ckpt["clients"], write=self.fabric.local_rank == 0)
         self.completed_rounds = int(ckpt["completed_rounds"])
         self.history = list(ckpt["history"])
         self.zero_shot = ckpt.get("zero_shot")
@@ -837,25 +861,29 @@ class FederatedTrainer:
         reporter.round_done(record)
 
     def _fit(self, fabric: Fabric, module: FederatedPromptModule, dm: FederatedDataModule, ckpt: Path | None):
-        self._setup(fabric, module, dm)
         reporter = RunReporter(
             self.run_dir, enabled=fabric.is_global_zero, progress=self.progress, fabric=fabric
         )
+
+        def start() -> None:
+            self._setup(fabric, module, dm)
+            if ckpt is not None:
+                self._load_checkpoint(ckpt)
+                if self.completed_rounds > self.rounds:
+                    raise FloraConfigError(
+                        f"trainer.rounds is {self.rounds}, but checkpoint {ckpt} has already completed "
+                        f"{self.completed_rounds} rounds; set --trainer.rounds {self.completed_rounds} or "
+                        "more to continue it"
+                    )
+            else:  # a fresh run: no client state of an earlier attempt survives
+                self.store.clear(write=fabric.local_rank == 0)
+
+        self._on_all_ranks(fabric, start)
+        fabric.barrier()
         if ckpt is not None:
-            self._load_checkpoint(ckpt)
-            if self.completed_rounds > self.rounds:
-                raise FloraConfigError(
-                    f"trainer.rounds is {self.rounds}, but checkpoint {ckpt} has already completed "
-                    f"{self.completed_rounds} rounds; set --trainer.rounds {self.completed_rounds} or more "
-                    "to continue it"
-                )
             reporter.note(f"resumed from {ckpt} after round {self.completed_rounds}")
             if module.is_trainable and self.completed_rounds == self.rounds:
                 reporter.note(f"the run already completed its {self.rounds} rounds: nothing left to train")
-        elif self.state_store == "disk" and fabric.is_global_zero:
-            for p in (self.run_dir / "client_states").glob("client-*"):
-                p.unlink()
-        fabric.barrier()
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
         if self.zero_shot_reference and self.zero_shot is None:
             with module.zero_shot():
