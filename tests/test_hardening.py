@@ -56,7 +56,11 @@ def _snapshot(run: Path) -> dict[str, bytes]:
         ("precision", "64", "trainer.precision must be one of 32-true, 32, bf16-mixed, 16-mixed, got '64'"),
         ("optimizer_state", "keep", "trainer.optimizer_state must be 'persist' or 'reset', got 'keep'"),
         ("state_store", "s3", "trainer.state_store must be 'memory' or 'disk', got 's3'"),
-        ("loggers", ["tensorboard"], "trainer.loggers: unknown logger(s) ['tensorboard']; use csv and/or wandb"),
+        (
+            "loggers",
+            ["tensorboard"],
+            "trainer.loggers: unknown logger(s) ['tensorboard']; use csv and/or wandb",
+        ),
         ("name", "../x", "trainer.name must be a relative folder name inside output_dir, got '../x'"),
     ],
 )
@@ -118,7 +122,9 @@ def test_cli_truncated_checkpoint_is_one_line(
     ckpt = tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt"
     truncated = tmp_path / "half.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    line = _cli_error(capsys, "fit", "--config", str(cfg), "--trainer.name", "u", "--ckpt_path", str(truncated))
+    line = _cli_error(
+        capsys, "fit", "--config", str(cfg), "--trainer.name", "u", "--ckpt_path", str(truncated)
+    )
     assert line.startswith(f"cannot read checkpoint {truncated}")
     assert not (tmp_path / "runs" / "u").exists()
 
@@ -158,7 +164,9 @@ def test_second_run_with_the_same_name_keeps_the_first_runs_results(tmp_path: Pa
     _trainer(tmp_path, rounds=2).fit(PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root))
     run = tmp_path / "runs" / "t"
     before = _snapshot(run)
-    with pytest.raises(FloraRunError, match="already holds a run.*--ckpt_path last.*--trainer.overwrite true"):
+    with pytest.raises(
+        FloraRunError, match="already holds a run.*--ckpt_path last.*--trainer.overwrite true"
+    ):
         _trainer(tmp_path, rounds=1).fit(PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root))
     assert _snapshot(run) == before
     # explicitly replacing it is allowed
@@ -199,11 +207,15 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(
         _trainer(tmp_path / "c").fit(PromptFL(n_ctx=4), _dm(tiny_root), ckpt_path=str(tmp_path / "nope.ckpt"))
 
 
-def test_resume_past_the_end_says_so(tmp_path: Path, tiny_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_past_the_end_says_so(
+    tmp_path: Path, tiny_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _trainer(tmp_path, rounds=2).fit(PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root))
     run = tmp_path / "runs" / "t"
     before = _snapshot(run)
-    with pytest.raises(FloraConfigError, match="trainer.rounds is 1, but checkpoint .* already completed 2 rounds"):
+    with pytest.raises(
+        FloraConfigError, match="trainer.rounds is 1, but checkpoint .* already completed 2 rounds"
+    ):
         _trainer(tmp_path, rounds=1).fit(PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root), ckpt_path="last")
     assert _snapshot(run) == before
     capsys.readouterr()
