@@ -79,6 +79,59 @@ def test_orthonormal_init_and_penalty() -> None:
     )
 
 
+@pytest.mark.parametrize("adapter", ["global", "local"])
+def test_flora_reset_gives_the_specified_initialisation(adapter: str) -> None:
+    """The real method's resets: sigma, A ~ N(0, 0.02); B orthonormal columns (QR of a Gaussian); adapter default."""
+    n_ctx, rank = 16, 8
+    m = FLORA(NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
+    width = m.backbone.token_width
+    with torch.no_grad():  # whatever construction left behind must not survive the resets
+        m.lowrank.B.mul_(3.0).add_(1.0)
+        m.lowrank.A.fill_(1.0)
+        m.prompt.ctx.fill_(1.0)
+    assert m.adapter is not None
+    adapter_before = {k: v.detach().clone() for k, v in m.adapter.state_dict().items()}
+    m.reset_local_parameters(torch.Generator().manual_seed(4))
+    B, A = m.lowrank.B.detach(), m.lowrank.A.detach()
+    assert B.shape == (n_ctx, rank) and A.shape == (rank, width)
+    torch.testing.assert_close(B.T @ B, torch.eye(rank), atol=1e-5, rtol=0)  # B^T B = I_r
+    assert float(m.regularisers()["ortho"]) < 1e-5  # the orthogonality penalty starts at 0
+    # B is the Q of a QR decomposition of a Gaussian drawn from the client's generator (up to column signs)
+    q, _ = torch.linalg.qr(torch.randn(n_ctx, rank, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close((q.T @ B).abs(), torch.eye(rank), atol=1e-5, rtol=0)
+    # A ~ N(0, 0.02): 1024 draws, mean within 4 standard errors, std within 15 %
+    assert abs(float(A.mean())) < 4 * 0.02 / math.sqrt(A.numel())
+    assert float(A.std()) == pytest.approx(0.02, rel=0.15)
+    assert torch.equal(m.prompt.ctx.detach(), torch.ones(n_ctx, width))  # the global prompt is not local
+    adapter_after = m.adapter.state_dict()
+    changed = any(not torch.equal(adapter_after[k], v) for k, v in adapter_before.items())
+    assert changed == (adapter == "local")  # a local adapter is a new client's tensor too
+    # the same generator gives the same client; another one another client
+    again = FLORA(NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
+    again.reset_local_parameters(torch.Generator().manual_seed(4))
+    assert torch.equal(again.lowrank.B, m.lowrank.B) and torch.equal(again.lowrank.A, m.lowrank.A)
+    again.reset_local_parameters(torch.Generator().manual_seed(5))
+    assert not torch.allclose(again.lowrank.B, m.lowrank.B)
+    # sigma ~ N(0, 0.02); a global adapter starts from PyTorch's default Linear init, U(+-1/sqrt(d))
+    m.reset_global_parameters(torch.Generator().manual_seed(6))
+    sigma = m.prompt.ctx.detach()
+    assert abs(float(sigma.mean())) < 4 * 0.02 / math.sqrt(sigma.numel())
+    assert float(sigma.std()) == pytest.approx(0.02, rel=0.15)
+    bound = 1 / math.sqrt(m.backbone.embed_dim)
+    for layer in (m.adapter.fc1, m.adapter.fc2):
+        assert float(layer.weight.abs().max()) <= bound and float(layer.weight.std()) == pytest.approx(
+            bound / math.sqrt(3), rel=0.15
+        )
+
+
+def test_fedpgp_u_is_gaussian_not_orthonormal() -> None:
+    m = FedPGP(NAMES, n_ctx=16, rank=8)
+    m.reset_local_parameters(torch.Generator().manual_seed(4))
+    U = m.lowrank.B.detach()
+    assert float(U.std()) == pytest.approx(0.02, rel=0.3)  # 128 draws
+    assert float(orthogonality_penalty(U)) > 1.0  # far from orthonormal: U^T U ~ 0.0064 I
+
+
 def test_feature_gate_is_softmax_over_features() -> None:
     gate = FeatureGate(6)
     f = torch.randn(3, 6)

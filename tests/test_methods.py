@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from flora.methods import FederatedPromptModule, LocalCoOp, PromptFL, Role, ZeroShotCLIP
+from flora.errors import FloraConfigError
+from flora.methods import (
+    FLORA,
+    FederatedPromptModule,
+    FedOTP,
+    FedPGP,
+    LocalCoOp,
+    PFedMoAP,
+    PFedPrompt,
+    PromptAMP,
+    PromptFL,
+    PromptFLFT,
+    PromptPer,
+    PromptProx,
+    Role,
+    ZeroShotCLIP,
+)
 
 NAMES = ["red circle", "red square", "blue circle", "blue square"]
 
@@ -148,3 +167,146 @@ def test_initialisation_comes_only_from_the_trainers_generators(cls: type[Federa
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), f"{cls.__name__}.{k} depends on the global RNG"
+
+
+def test_moving_the_module_drops_cached_text_features() -> None:
+    m = PromptFL(NAMES, n_ctx=4).eval()
+    x, _ = _batch(2)
+    with torch.no_grad():
+        m(x)
+    assert m._eval_text is not None
+    m.to(torch.float64)  # any .to()/.cuda()/.half(): the cache would be on the old device/dtype
+    assert m._eval_text is None
+    with torch.no_grad():
+        m(x.double())
+    assert m._eval_text is not None and m._eval_text.dtype == torch.float64  # rebuilt after the move
+
+
+# ------------------------------------------------------------------ option ranges
+# (method, options, the exact one-line message)
+BAD_OPTIONS: list[tuple[type[FederatedPromptModule], dict[str, Any], str]] = [
+    # shared by every method (checked once, in FederatedPromptModule)
+    (PromptFL, {"lr": -0.1}, "model.lr must be > 0, got -0.1"),
+    (ZeroShotCLIP, {"lr": 0}, "model.lr must be > 0, got 0"),
+    (FLORA, {"lr": float("nan")}, "model.lr must be > 0, got nan"),
+    (PromptFL, {"lr": float("inf")}, "model.lr must be finite, got inf"),
+    (PromptFL, {"lr": "fast"}, "model.lr must be a number, got 'fast'"),
+    (FedOTP, {"weight_decay": -1e-4}, "model.weight_decay must be >= 0, got -0.0001"),
+    (PromptFL, {"momentum": 1.0}, "model.momentum must be in [0, 1), got 1.0"),
+    (PFedMoAP, {"momentum": -0.5}, "model.momentum must be in [0, 1), got -0.5"),
+    (
+        PromptFL,
+        {"template": "a photo"},
+        "model.template must contain {} where the class name goes, got 'a photo'",
+    ),
+    # every learned context
+    (PromptFL, {"n_ctx": 0}, "model.n_ctx must be >= 1, got 0"),
+    (LocalCoOp, {"n_ctx": 2.5}, "model.n_ctx must be an integer, got 2.5"),
+    (FedOTP, {"n_ctx": -3}, "model.n_ctx must be >= 1, got -3"),
+    (PFedPrompt, {"ctx_init_std": -0.02}, "model.ctx_init_std must be >= 0, got -0.02"),
+    (
+        PromptPer,
+        {"n_local": 0},
+        "model.n_local must be >= 1, got 0: PromptPer needs at least one global and one local token "
+        "(n_local=0 is PromptFL, n_global=0 is Local CoOp)",
+    ),
+    (
+        PromptPer,
+        {"n_global": -1},
+        "model.n_global must be >= 1, got -1: PromptPer needs at least one global and one local token "
+        "(n_local=0 is PromptFL, n_global=0 is Local CoOp)",
+    ),
+    # each method's own options
+    (PromptFLFT, {"ft_epochs": -1}, "model.ft_epochs must be >= 0, got -1"),
+    (PromptProx, {"mu": -0.5}, "model.mu must be >= 0, got -0.5"),
+    (PromptAMP, {"lam": -1.0}, "model.lam must be >= 0, got -1.0"),
+    (PromptAMP, {"self_weight": 1.5}, "model.self_weight must be in [0, 1], got 1.5"),
+    (PromptAMP, {"sigma": 0.0}, "model.sigma must be > 0, got 0.0"),
+    (FedPGP, {"rank": 0}, "model.rank must be >= 1, got 0"),
+    (FedPGP, {"mu": -1.0}, "model.mu must be >= 0, got -1.0"),
+    (FedPGP, {"tau": 0.0}, "model.tau must be > 0, got 0.0"),
+    (
+        FLORA,
+        {"n_ctx": 4, "rank": 8},
+        "model.rank must be <= model.n_ctx (4) so that B (4 x rank) can have orthonormal columns, got 8",
+    ),
+    (FLORA, {"tau": -0.5}, "model.tau must be > 0, got -0.5"),
+    (FLORA, {"l2_weight": -0.01}, "model.l2_weight must be >= 0, got -0.01"),
+    (FLORA, {"ortho_weight": -0.1}, "model.ortho_weight must be >= 0, got -0.1"),
+    (
+        FLORA,
+        {"adapter": "sometimes"},
+        "model.adapter must be one of 'global', 'local', 'none', got 'sometimes'",
+    ),
+    (FedOTP, {"gamma": 0.0}, "model.gamma must be in (0, 1], got 0.0"),
+    (FedOTP, {"gamma": 1.5}, "model.gamma must be in (0, 1], got 1.5"),
+    (FedOTP, {"eps": 0.0}, "model.eps must be > 0, got 0.0"),
+    (FedOTP, {"ot_max_iter": 0}, "model.ot_max_iter must be >= 1, got 0"),
+    (FedOTP, {"ot_tol": -1e-3}, "model.ot_tol must be >= 0, got -0.001"),
+    (PFedPrompt, {"alpha": -1.0}, "model.alpha must be >= 0, got -1.0"),
+    (PFedPrompt, {"beta": -5.5}, "model.beta must be >= 0, got -5.5"),
+    (
+        PFedPrompt,
+        {"lfa_features": "pixels"},
+        "model.lfa_features must be one of 'patch', 'global', got 'pixels'",
+    ),
+    (PFedMoAP, {"num_experts": 0}, "model.num_experts must be >= 1, got 0"),
+    (PFedMoAP, {"gate_width": 0}, "model.gate_width must be >= 1, got 0"),
+    (PFedMoAP, {"gate_heads": 0}, "model.gate_heads must be >= 1, got 0"),
+    (PFedMoAP, {"gate_width": 100}, "model.gate_width (100) must be divisible by model.gate_heads (8)"),
+    (PFedMoAP, {"gate_scale": 0.0}, "model.gate_scale must be > 0, got 0.0"),
+    (PFedMoAP, {"lam": -0.5}, "model.lam must be >= 0, got -0.5"),
+    (PFedMoAP, {"gate_lr": 0.0}, "model.gate_lr must be > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    BAD_OPTIONS,
+    ids=[f"{c.__name__}-{'-'.join(o)}" for c, o, _ in BAD_OPTIONS],
+)
+def test_out_of_range_options_are_config_errors(
+    cls: type[FederatedPromptModule], options: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at construction, before the backbone is loaded, with a one-line message naming the option."""
+    import flora.methods.base as base
+
+    def no_backbone(*a: Any, **k: Any) -> None:
+        raise AssertionError("the backbone was loaded before the options were checked")
+
+    monkeypatch.setattr(base, "CLIPBackbone", no_backbone)
+    with pytest.raises(FloraConfigError, match=f"^{re.escape(message)}$"):
+        cls(NAMES, **options)
+
+
+def test_context_must_fit_the_text_encoder() -> None:
+    """The tiny CLIP's text context is 32 tokens: start, context, class name, full stop, end."""
+    limit = "must be <= 28 for clip_model 'flora-tiny' (its text context holds 32 tokens"
+    with pytest.raises(FloraConfigError, match=f"^{re.escape('model.n_ctx ' + limit)}"):
+        PromptFL(NAMES, n_ctx=29)
+    with pytest.raises(FloraConfigError, match=f"^{re.escape('model.n_global + model.n_local ' + limit)}"):
+        PromptPer(n_global=20, n_local=9)
+    with pytest.raises(FloraConfigError, match="needs 35 tokens, more than the text context length 32"):
+        PromptFL(["x " * 16], n_ctx=16)  # a class name too long for its prompt
+    assert PromptFL(["x"], n_ctx=28).num_classes == 1  # the longest context fits a one-token name
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (PromptFL, {"lr": 1, "momentum": 0, "weight_decay": 0, "n_ctx": 1, "ctx_init_std": 0}),
+        (PromptFLFT, {"ft_epochs": 0}),
+        (PromptAMP, {"lam": 0, "self_weight": 1.0, "sigma": None}),
+        (FLORA, {"n_ctx": 4, "rank": 4, "mu": 0, "l2_weight": 0, "ortho_weight": 0, "adapter": "none"}),
+        (FedPGP, {"n_ctx": 2, "rank": 8}),  # U needs no orthonormal columns
+        (FedOTP, {"gamma": 1.0, "ot_tol": 0}),
+        (PFedPrompt, {"alpha": 0, "beta": 0, "lfa_features": "global"}),
+        (PFedMoAP, {"gate_width": 16, "gate_heads": 16, "lam": 0}),
+        (ZeroShotCLIP, {"template": "itap of a {}"}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_options_at_the_edge_of_their_range_are_accepted(
+    cls: type[FederatedPromptModule], options: dict[str, Any]
+) -> None:
+    cls(NAMES, **options)

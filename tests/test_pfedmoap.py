@@ -117,3 +117,28 @@ def test_federated_run_and_resume(tmp_path: Path, tiny_root: Path) -> None:
         rounds=2, output_dir=str(tmp_path / "b"), name="m", progress=False, seed=0
     ).fit(PFedMoAP(n_ctx=2, num_experts=2, lr=0.01), dm(), ckpt_path="last")
     assert resumed["final"]["local_acc_mean"] == pytest.approx(full["final"]["local_acc_mean"], abs=1e-6)
+
+
+def test_experts_follow_the_module_when_it_moves() -> None:
+    """Downloaded experts and their cached features are buffers: .to() moves them with the prompt."""
+    m = PFedMoAP(NAMES, n_ctx=2, num_experts=1)
+    w = m.backbone.token_width
+    expert = torch.randn(1, 2, w, generator=torch.Generator().manual_seed(0))[0]
+    m.load_global_state({"prompt.ctx": torch.zeros(2, w), "expert.0": expert})
+    assert m.expert_text() is not None
+    m.to(torch.float64)
+    assert m.expert_prompts is not None and m.expert_prompts.dtype == torch.float64
+    assert m._expert_text is not None and m._expert_text.dtype == torch.float64
+    torch.testing.assert_close(m.expert_prompts[0], expert.double())
+    assert "expert_prompts" not in m.state_dict()  # never checkpointed: downloaded every round
+
+
+def test_gate_initialisation_is_drawn_on_the_cpu() -> None:
+    """The trainer's generators are CPU generators: the gate is drawn there and copied (any device)."""
+    gate = ExpertGate(width=16, heads=4)
+    gate.reset_parameters(torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    bound = 1 / 16**0.5
+    for layer in (gate.q, gate.k, gate.v, gate.out):
+        torch.testing.assert_close(layer.weight, torch.empty(16, 16).uniform_(-bound, bound, generator=gen))
+        torch.testing.assert_close(layer.bias, torch.empty(16).uniform_(-bound, bound, generator=gen))

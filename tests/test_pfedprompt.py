@@ -67,12 +67,58 @@ def test_bad_arguments() -> None:
         m.before_local_training([])
 
 
+def test_memory_follows_the_training_task_not_the_constructor_names() -> None:
+    """Built with more classes than it trains on (all classes under base/novel), the memory still works."""
+    everything = NAMES + ["purple heart", "orange moon"]
+    m = PFedPrompt(everything, n_ctx=2).eval()
+    m.set_task(NAMES)  # what the federated trainer does before training: the training task
+    x, y = _images(8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with torch.no_grad():
+        m.before_local_training([(x, y)])
+        assert m.memory_classes == NAMES and m.memory.keys.shape[0] == len(NAMES) and m.memory_applies
+        full = m(x)
+        with m.global_only():
+            guc = m(x)
+    # LFA adds alpha * exp(-beta (1 - q.K)) in (e^-11, 1] to every class the client has
+    assert (full - guc).abs().min() > 1e-5
+    torch.testing.assert_close(full, guc + m.lfa_logits(m.image_features(x)))  # type: ignore[operator]
+    # Novel (another task): deliberately the GUC alone, and the memory is kept for the training task
+    m.set_task(["purple heart", "orange moon"])
+    with torch.no_grad():
+        novel = m(x)
+        with m.global_only():
+            novel_guc = m(x)
+    assert not m.memory_applies and torch.equal(novel, novel_guc)
+    assert m.memory.keys.shape[0] == len(NAMES)
+    m.set_task(NAMES)  # back on the training task, the memory applies again
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), full)
+
+
+def test_memory_is_rebuilt_for_the_task_it_trains_on() -> None:
+    m = PFedPrompt(NAMES, n_ctx=2).eval()
+    x = _images(4)
+    with torch.no_grad():
+        m.before_local_training([(x, torch.tensor([0, 1, 2, 3]))])
+    other = ["purple heart", "orange moon"]
+    m.set_task(other)
+    assert not m.memory_applies
+    with torch.no_grad():  # the client now trains on another task: its memory follows
+        m.before_local_training([(x, torch.tensor([0, 1, 0, 1]))])
+    assert m.memory_classes == other and m.memory.present.tolist() == [1.0, 1.0] and m.memory_applies
+    # an empty memory (a client that never trained) adds nothing
+    m.reset_local_parameters(torch.Generator().manual_seed(0))
+    assert not m.memory_applies and m.lfa_logits(m.image_features(x)) is None
+
+
 def test_federated_memory_stays_on_each_client(tmp_path: Path, tiny_bn_root: Path) -> None:
     dm = FederatedDataModule(root=str(tiny_bn_root), batch_size=8, base_novel=True)
-    trainer = FederatedTrainer(rounds=1, output_dir=str(tmp_path), name="p", progress=False, seed=0)
-    summary = trainer.fit(PFedPrompt(n_ctx=4, lr=0.01), dm)
-    assert set(trainer.global_state) == {"prompt.ctx"}  # the memory is never uploaded
     manifest = json.loads((tiny_bn_root / "manifest.json").read_text())
+    everything = manifest["base_classes"] + manifest["novel_classes"]
+    trainer = FederatedTrainer(rounds=1, output_dir=str(tmp_path), name="p", progress=False, seed=0)
+    # built with all 9 classes: the memory still follows the 5-class training task
+    summary = trainer.fit(PFedPrompt(everything, n_ctx=4, lr=0.01), dm)
+    assert set(trainer.global_state) == {"prompt.ctx"}  # the memory is never uploaded
     for c, client in enumerate(manifest["clients"]):
         present = trainer.store.get(c).local["memory.present"]  # type: ignore[union-attr]
         assert present.tolist() == [float(n > 0) for n in client["train_counts"]]

@@ -84,12 +84,28 @@ def test_promptper_shares_only_the_global_tokens(tmp_path: Path, tiny_root: Path
     roles = m.parameter_roles()
     assert roles == {"prompt.ctx": Role.GLOBAL, "personal.ctx": Role.LOCAL}
     assert not m.has_global_model
-    before = m.text_features().detach()
+    m.reset_global_parameters(torch.Generator().manual_seed(1))
+    m.reset_local_parameters(torch.Generator().manual_seed(2))
     with torch.no_grad():
+        before = m.text_features()
+        # both parts are part of the prompt: a random perturbation of the scale of CLIP's token
+        # embeddings (std 0.02) moves every class feature by ~1e-2, 1e5 x the rounding noise
+        for part in (m.personal.ctx, m.prompt.ctx):
+            noise = 0.05 * torch.randn(part.shape, generator=torch.Generator().manual_seed(11))
+            part.add_(noise)
+            moved = (m.text_features() - before).norm(dim=-1)
+            part.sub_(noise)
+            assert moved.min() > 1e-3, moved
+        # (why the perturbation must be random: the text tower's LayerNorms remove a constant
+        # shift of a token's embedding, so adding 0.5 everywhere changes nothing but rounding)
         m.personal.ctx.add_(0.5)
-    assert not torch.allclose(
-        m.text_features().detach(), before
-    )  # the personal tokens are part of the prompt
+        assert (m.text_features() - before).norm(dim=-1).max() < 1e-5
+        m.personal.ctx.sub_(0.5)
+    # and the personal tokens are trained: the loss sends them a gradient
+    x, y = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 0])
+    m.compute_loss(x, y)[0].backward()
+    assert m.personal.ctx.grad is not None and m.personal.ctx.grad.norm() > 0
+    assert m.prompt.ctx.grad is not None and m.prompt.ctx.grad.norm() > 0
 
     trainer = _trainer(tmp_path, rounds=2)
     summary = trainer.fit(PromptPer(n_global=3, n_local=2, lr=0.05), _dm(tiny_root))
@@ -98,6 +114,37 @@ def test_promptper_shares_only_the_global_tokens(tmp_path: Path, tiny_root: Path
     assert not torch.equal(personal[0], personal[1])
     assert "global_acc" not in summary["final"]
     assert summary["final"]["bytes_up_total"] > 0
+
+
+def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text tower sees ``[SOS] P_g P_p classname . [EOS]``: the global tokens first."""
+    m = PromptPer(NAMES, n_global=3, n_local=2)
+    m.reset_global_parameters(torch.Generator().manual_seed(1))
+    m.reset_local_parameters(torch.Generator().manual_seed(2))
+    seen: list[torch.Tensor] = []
+    run_text = m.backbone._run_text
+
+    def spy(x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return run_text(x, eot)
+
+    monkeypatch.setattr(m.backbone, "_run_text", spy)
+    with torch.no_grad():
+        feats = m.text_features()
+    (tokens,) = seen  # (n_cls, L, d_t): one batched pass over the classes
+    prompts = m.prompts
+    assert prompts is not None and tokens.shape[:2] == (len(NAMES), prompts.length)
+    for c in range(len(NAMES)):
+        assert torch.equal(tokens[c, :1], prompts.prefix[c])  # [SOS]
+        assert torch.equal(tokens[c, 1:4], m.prompt.ctx.detach())  # P_g: positions 1..n_global
+        assert torch.equal(tokens[c, 4:6], m.personal.ctx.detach())  # P_p: the next n_local
+        assert torch.equal(tokens[c, 6:], prompts.suffix[c])  # class name, full stop, [EOS]
+    monkeypatch.undo()
+    with torch.no_grad():  # the order matters: the swapped prompt gives other features
+        swapped = m.backbone.encode_prompted(torch.cat([m.personal.ctx, m.prompt.ctx]), prompts)
+        in_order = m.backbone.encode_prompted(torch.cat([m.prompt.ctx, m.personal.ctx]), prompts)
+    torch.testing.assert_close(feats, in_order, rtol=0, atol=0)
+    assert (feats - swapped).norm(dim=-1).min() > 1e-3
 
 
 def test_promptper_needs_both_parts() -> None:

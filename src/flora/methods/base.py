@@ -9,7 +9,8 @@ plain ``lightning.Trainer`` on one client's DataLoader.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, ClassVar
@@ -21,8 +22,50 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from flora.clip import ClassPrompts, CLIPBackbone
+from flora.errors import FloraConfigError, check_range
 
 StateDict = dict[str, Tensor]
+
+
+def check_option(
+    name: str,
+    value: float | int | None,
+    *,
+    integer: bool = False,
+    **bounds: Any,
+) -> None:
+    """Range-check the model option ``name`` (``FloraConfigError`` naming it ``model.<name>``).
+
+    ``bounds`` are those of :func:`flora.errors.check_range`; ``integer`` also rejects
+    non-integral values, and infinities are always rejected.
+    """
+    check_range(f"model.{name}", value, **bounds)
+    if value is None:
+        return
+    if integer and not isinstance(value, int):
+        raise FloraConfigError(f"model.{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and math.isinf(value):
+        raise FloraConfigError(f"model.{name} must be finite, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """``FloraConfigError`` naming ``model.<name>`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise FloraConfigError(f"model.{name} must be one of {allowed}, got {value!r}")
+
+
+def check_context_options(n_ctx: int, ctx_init_std: float, n_ctx_name: str = "n_ctx") -> None:
+    """The options every learned context shares: at least one token, a non-negative init std."""
+    check_option(n_ctx_name, n_ctx, low=1, integer=True)
+    check_option("ctx_init_std", ctx_init_std, low=0)
+
+
+def _format_template(template: str, name: str) -> str:
+    try:
+        return template.format(name)
+    except (IndexError, KeyError, ValueError):
+        return ""
 
 
 class Role(str, Enum):
@@ -56,6 +99,8 @@ class FederatedPromptModule(L.LightningModule):
     #: local epochs each client fine-tunes a throw-away copy of its model for before being evaluated
     #: (PromptFL+FT); 0 evaluates the model as it is
     eval_finetune_epochs: int = 0
+    #: the option(s) that set :attr:`n_ctx`, as the user writes them after ``model.``
+    n_ctx_option: ClassVar[str] = "n_ctx"
 
     def __init__(
         self,
@@ -67,9 +112,25 @@ class FederatedPromptModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
+        # checked before the backbone is loaded: a bad option fails at once, naming itself
+        check_option("lr", lr, low=0, low_open=True)
+        check_option("momentum", momentum, low=0, high=1, high_open=True)
+        check_option("weight_decay", weight_decay, low=0)
+        if not isinstance(template, str) or "\0" not in _format_template(template, "\0"):
+            raise FloraConfigError(
+                f"model.template must contain {{}} where the class name goes, got {template!r}"
+            )
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])
         self.backbone = CLIPBackbone(clip_model, clip_pretrained)
+        # [SOS] context class-name . [EOS]: the context leaves room for at least a one-token name
+        limit = self.backbone.context_length - 4
+        if self.n_ctx > limit:
+            raise FloraConfigError(
+                f"model.{self.n_ctx_option} must be <= {limit} for clip_model {clip_model!r} (its text "
+                f"context holds {self.backbone.context_length} tokens, 4 of them for the start and end "
+                f"tokens, the class name and the full stop), got {self.n_ctx}"
+            )
         self.template = template
         self.class_names: list[str] = []
         self.prompts: ClassPrompts | None = None
@@ -96,9 +157,14 @@ class FederatedPromptModule(L.LightningModule):
             return
         self.class_names = class_names
         device = self.anchor.device
-        self.prompts = self.backbone.build_class_prompts(class_names, self.n_ctx).to(device)
+        try:
+            prompts = self.backbone.build_class_prompts(class_names, self.n_ctx)
+        except ValueError as err:  # a class name too long for the text context
+            raise FloraConfigError(str(err)) from None
+        self.prompts = prompts.to(device)
         self.anchor = self.backbone.anchor_features(class_names, self.template).to(device)
-        self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro").to(device)
+        # torchmetrics needs >= 2 classes; a one-class task (e.g. a tiny novel split) scores the same
+        self.val_acc = MulticlassAccuracy(num_classes=max(2, len(class_names)), average="micro").to(device)
         self._eval_text = None
 
     @property
@@ -320,6 +386,12 @@ class FederatedPromptModule(L.LightningModule):
     def train(self, mode: bool = True) -> FederatedPromptModule:
         self._eval_text = None
         return super().train(mode)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FederatedPromptModule:
+        # every device/dtype move (.to, .cuda, .half, ...) goes through here: drop the cached
+        # evaluation text features, which live outside the module's buffers
+        self._eval_text = None
+        return super()._apply(fn, recurse)
 
     # --------------------------------------------------------- lightning API
     def compute_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flora.methods.base import FederatedPromptModule
+from flora.methods.base import FederatedPromptModule, check_context_options, check_option
 from flora.prompts import PromptContext, unbalanced_sinkhorn
 
 
@@ -42,10 +42,11 @@ class FedOTP(FederatedPromptModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_context_options(n_ctx, ctx_init_std)
+        check_option("gamma", gamma, low=0, low_open=True, high=1)
+        check_option("eps", eps, low=0, low_open=True)
+        check_option("ot_max_iter", ot_max_iter, low=1, integer=True)
+        check_option("ot_tol", ot_tol, low=0)
         self._n_ctx = n_ctx
         super().__init__(None, clip_model, clip_pretrained, template, lr, momentum, weight_decay)
         self.gamma, self.eps, self.ot_max_iter, self.ot_tol = gamma, eps, ot_max_iter, ot_tol

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flora.errors import FloraConfigError
+from flora.methods.base import check_choice, check_context_options, check_option
 from flora.methods.promptfl import CoOpModule
 from flora.prompts import FeatureGate, LowRankTerm, orthogonality_penalty, pair_contrastive, rowwise_cos
 
@@ -46,6 +48,15 @@ class FedPGP(CoOpModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
+        check_context_options(n_ctx, ctx_init_std)
+        check_option("rank", rank, low=1, integer=True)
+        if self.orthonormal_init and isinstance(n_ctx, int) and rank > n_ctx:
+            raise FloraConfigError(
+                f"model.rank must be <= model.n_ctx ({n_ctx}) so that B ({n_ctx} x rank) can have "
+                f"orthonormal columns, got {rank}"
+            )
+        check_option("mu", mu, low=0)
+        check_option("tau", tau, low=0, low_open=True)
         super().__init__(
             None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
         )
@@ -134,8 +145,9 @@ class FLORA(FedPGP):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if adapter not in ("global", "local", "none"):
-            raise ValueError(f"adapter must be 'global', 'local' or 'none', got {adapter!r}")
+        check_choice("adapter", adapter, ("global", "local", "none"))
+        check_option("l2_weight", l2_weight, low=0)
+        check_option("ortho_weight", ortho_weight, low=0)
         super().__init__(
             None,
             n_ctx,

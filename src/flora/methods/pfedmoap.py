@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flora.methods.base import StateDict
+from flora.errors import FloraConfigError
+from flora.methods.base import StateDict, check_option
 from flora.methods.promptfl import CoOpModule
 
 EXPERT_PREFIX = "expert."
@@ -38,8 +39,11 @@ class ExpertGate(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         for layer in (self.q, self.k, self.v, self.out):
             bound = 1.0 / layer.in_features**0.5
-            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
-            layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator))
+            # drawn on the CPU, where the trainer's generators live, then copied to the layer's device
+            w = torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator)
+            b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
+            layer.weight.copy_(w.to(layer.weight.device))
+            layer.bias.copy_(b.to(layer.bias.device))
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
         """``query (B, w)``, ``keys = values (C, E, w)`` -> the per-class mixture ``(B, C, w)``."""
@@ -87,16 +91,27 @@ class PFedMoAP(CoOpModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        check_option("num_experts", num_experts, low=1, integer=True)
+        check_option("gate_width", gate_width, low=1, integer=True)
+        check_option("gate_heads", gate_heads, low=1, integer=True)
+        if gate_width % gate_heads:
+            raise FloraConfigError(
+                f"model.gate_width ({gate_width}) must be divisible by model.gate_heads ({gate_heads})"
+            )
+        check_option("gate_scale", gate_scale, low=0, low_open=True)
+        check_option("lam", lam, low=0)
+        check_option("gate_lr", gate_lr, low=0, low_open=True)
         super().__init__(
             None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
         )
         self.num_experts, self.lam, self.gate_lr = num_experts, lam, gate_lr
         self.gate = ExpertGate(gate_width, gate_heads, gate_scale)
         self.pool: dict[int, StateDict] = {}
-        self.expert_prompts: Tensor | None = None
-        self._expert_text: Tensor | None = None
+        # non-persistent buffers, so that they follow the module's device and dtype
+        self.expert_prompts: Tensor | None
+        self._expert_text: Tensor | None
+        self.register_buffer("expert_prompts", None, persistent=False)
+        self.register_buffer("_expert_text", None, persistent=False)
         if class_names is not None:
             self.set_task(list(class_names))
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flora.methods.base import StateDict, check_choice, check_option
 from flora.methods.promptfl import CoOpModule
 
 
@@ -46,8 +47,20 @@ class PFedPrompt(CoOpModule):
     ``LFA(q) = exp(-beta * (1 - q . K^T)) V``; classes the client has no image of get 0.
     The query feature is the L2-normalised mean of the patch tokens (``lfa_features:
     patch``) or the pooled feature (``global``). The paper's exact attention form is not
-    public: this is a reconstruction. LFA only applies to the task its memory was built
-    for, so Novel classes (and the global part alone) are scored by the GUC.
+    public: this is a reconstruction.
+
+    The memory belongs to the task the client trains on, whatever ``class_names`` the
+    model was built with: until a memory has been built or loaded, it is re-sized for
+    every task set (the federated trainer sets the training task first), and
+    :meth:`before_local_training` always builds it for the task being trained (a memory
+    built for another task is cleared and rebuilt). Once a memory exists, setting another
+    task (Novel evaluation) keeps it as it is, so that every client's stored memory still
+    loads. LFA is added only when the current task is exactly the memory's task and the
+    memory is built. It deliberately adds nothing, and the logits are the GUC's alone:
+
+    - on another task, e.g. Novel classes, of which the memory has no prototype;
+    - for a client that never trained (its memory is empty);
+    - for the global part alone (:meth:`global_only`) and zero-shot evaluation.
     """
 
     global_params = ("prompt",)
@@ -68,12 +81,14 @@ class PFedPrompt(CoOpModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if lfa_features not in ("patch", "global"):
-            raise ValueError(f"lfa_features must be 'patch' or 'global', got {lfa_features!r}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        check_choice("lfa_features", lfa_features, ("patch", "global"))
+        check_option("alpha", alpha, low=0)
+        check_option("beta", beta, low=0)
         self.feature_kind = lfa_features
+        #: the classes (label order) the memory's rows stand for
         self.memory_classes: list[str] = []
+        # True once a memory was built or loaded: from then on a new task no longer re-sizes it
+        self._memory_fixed = False
         super().__init__(
             None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
         )
@@ -85,17 +100,27 @@ class PFedPrompt(CoOpModule):
 
     def set_task(self, class_names: Sequence[str]) -> None:
         super().set_task(class_names)
-        memory = getattr(self, "memory", None)
-        if memory is not None and not self.memory_classes:
-            # the first task is the one the clients train on: the memory is sized for it
-            memory.resize(len(self.class_names), self.backbone.embed_dim, self.anchor.device)
-            self.memory_classes = list(self.class_names)
+        if getattr(self, "memory", None) is not None and not self._memory_fixed:
+            self._size_memory_for_task()
+
+    def _size_memory_for_task(self) -> None:
+        """An empty memory with one row per class of the current task."""
+        n_cls, dim = len(self.class_names), self.backbone.embed_dim
+        if tuple(self.memory.keys.shape) != (n_cls, dim) or self.memory.keys.device != self.anchor.device:
+            self.memory.resize(n_cls, dim, self.anchor.device)
+        else:
+            self.memory.clear()
+        self.memory_classes = list(self.class_names)
 
     def reset_global_parameters(self, generator: torch.Generator) -> None:
         self.prompt.reset_parameters(generator)
 
     def reset_local_parameters(self, generator: torch.Generator) -> None:
         self.memory.clear()
+
+    def load_local_state(self, state: StateDict) -> None:
+        super().load_local_state(state)
+        self._memory_fixed = True
 
     # ----------------------------------------------------------------- memory
     def query(self, feats: Tensor) -> Tensor:
@@ -108,11 +133,19 @@ class PFedPrompt(CoOpModule):
             pooled = feats
         return F.normalize(pooled.float(), dim=-1)
 
+    @property
+    def memory_applies(self) -> bool:
+        """Whether LFA is added now: a built memory of exactly the current task."""
+        return self.class_names == self.memory_classes and self.memory.is_built
+
     @torch.no_grad()
     def before_local_training(self, batches: Iterable[Sequence[Tensor]]) -> None:
-        """Build the client's memory from its training set once (the image tower is frozen)."""
-        if self.memory.is_built or not self.memory_classes:
+        """Build the client's memory for the task it trains on, once (the image tower is frozen)."""
+        self._require_task()
+        if self.memory_classes == self.class_names and self.memory.is_built:
             return
+        if self.memory_classes != self.class_names or self.memory.keys.shape[0] != self.num_classes:
+            self._size_memory_for_task()  # the memory follows the task the client trains on
         n_cls, dim = self.memory.keys.shape
         sums = torch.zeros(n_cls, dim, device=self.memory.keys.device)
         counts = torch.zeros(n_cls, device=self.memory.keys.device)
@@ -128,10 +161,11 @@ class PFedPrompt(CoOpModule):
         keys[present] = F.normalize(sums[present] / counts[present, None], dim=-1)
         self.memory.keys.copy_(keys)
         self.memory.present.copy_(present.to(self.memory.present.dtype))
+        self._memory_fixed = True
 
     def lfa_logits(self, feats: Tensor) -> Tensor | None:
         """``exp(-beta * (1 - q . K^T)) V`` for the memory's task, or None when it does not apply."""
-        if self.class_names != self.memory_classes or not self.memory.is_built:
+        if not self.memory_applies:
             return None
         q = self.query(feats)
         affinity = torch.exp(-self.beta * (1.0 - q @ self.memory.keys.t().to(q.dtype)))
@@ -152,6 +186,11 @@ class PFedPrompt(CoOpModule):
         if loader is not None:
             with torch.no_grad():
                 self.before_local_training([b[0].to(self.device), b[1].to(self.device)] for b in loader)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # sets (and sizes the memory for) the checkpoint's task
+        if any(k.startswith("memory.") for k in checkpoint.get("state_dict", {})):
+            self._memory_fixed = True
 
 
 __all__ = ["ClassMemory", "PFedPrompt"]

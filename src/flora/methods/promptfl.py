@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flora.methods.base import FederatedPromptModule
+from flora.methods.base import FederatedPromptModule, check_context_options
 from flora.prompts import PromptContext
 
 
@@ -26,6 +26,7 @@ class CoOpModule(FederatedPromptModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
+        check_context_options(n_ctx, ctx_init_std)
         self._n_ctx = n_ctx
         super().__init__(None, clip_model, clip_pretrained, template, lr, momentum, weight_decay)
         self.prompt = PromptContext(n_ctx, self.backbone.token_width, ctx_init_std)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flora.methods.base import FederatedPromptModule, StateDict
+from flora.errors import FloraConfigError
+from flora.methods.base import FederatedPromptModule, StateDict, check_context_options, check_option
 from flora.methods.promptfl import PromptFL
 from flora.prompts import PromptContext
 
@@ -38,8 +39,7 @@ class PromptFLFT(PromptFL):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if ft_epochs < 0:
-            raise ValueError(f"ft_epochs must be >= 0, got {ft_epochs}")
+        check_option("ft_epochs", ft_epochs, low=0, integer=True)
         super().__init__(
             class_names,
             n_ctx,
@@ -64,6 +64,7 @@ class PromptPer(FederatedPromptModule):
 
     global_params = ("prompt",)
     local_params = ("personal",)
+    n_ctx_option = "n_global + model.n_local"
 
     def __init__(
         self,
@@ -78,11 +79,13 @@ class PromptPer(FederatedPromptModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if n_global < 1 or n_local < 1:
-            raise ValueError(
-                f"PromptPer needs at least one global and one local token, got n_global={n_global}, "
-                f"n_local={n_local} (n_local=0 is PromptFL, n_global=0 is Local CoOp)"
-            )
+        for name, value in (("n_global", n_global), ("n_local", n_local)):
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise FloraConfigError(
+                    f"model.{name} must be >= 1, got {value}: PromptPer needs at least one global and one "
+                    "local token (n_local=0 is PromptFL, n_global=0 is Local CoOp)"
+                )
+            check_context_options(value, ctx_init_std, n_ctx_name=name)
         self._n_ctx = n_global + n_local
         super().__init__(None, clip_model, clip_pretrained, template, lr, momentum, weight_decay)
         self.prompt = PromptContext(n_global, self.backbone.token_width, ctx_init_std)
@@ -130,8 +133,7 @@ class PromptProx(PromptFL):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if mu < 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
+        check_option("mu", mu, low=0)
         super().__init__(
             class_names,
             n_ctx,
@@ -188,10 +190,9 @@ class PromptAMP(PromptProx):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
-        if not 0.0 <= self_weight <= 1.0:
-            raise ValueError(f"self_weight must be in [0, 1], got {self_weight}")
-        if sigma is not None and sigma <= 0:
-            raise ValueError(f"sigma must be > 0 (or None for the median distance), got {sigma}")
+        check_option("lam", lam, low=0)  # passed on as PromptProx's mu: named as the user wrote it
+        check_option("self_weight", self_weight, low=0, high=1)
+        check_option("sigma", sigma, low=0, low_open=True, allow_none=True)
         super().__init__(
             class_names,
             n_ctx,
