@@ -26,8 +26,9 @@ def evaluate_predictions(
 ) -> ClientEval:
     if target.numel() == 0:
         raise ValueError(f"client {client_id} has no evaluation samples")
-    acc = multiclass_accuracy(preds, target, num_classes=num_classes, average="micro")
-    f1 = multiclass_f1_score(preds, target, num_classes=num_classes, average="macro")
+    n = max(2, num_classes)  # torchmetrics needs two classes; a one-class task is still well defined
+    acc = multiclass_accuracy(preds, target, num_classes=n, average="micro")
+    f1 = multiclass_f1_score(preds, target, num_classes=n, average="macro")
     return ClientEval(
         client_id=client_id,
         num_samples=int(target.numel()),
@@ -38,7 +39,12 @@ def evaluate_predictions(
 
 
 def summarise(evals: list[ClientEval], prefix: str) -> dict[str, float]:
-    """Mean, std, worst 10 % and pooled accuracy plus mean macro-F1 over clients (percent)."""
+    """Mean, std, worst 10 % and pooled accuracy plus mean macro-F1 over clients (percent).
+
+    ``std`` is the population std over clients (ddof 0); ``worst10`` is the mean accuracy of
+    the ``ceil(n / 10)`` clients with the lowest accuracy; ``pooled`` is correct / samples
+    over all clients together.
+    """
     if not evals:
         return {}
     evals = sorted(evals, key=lambda e: e.client_id)
