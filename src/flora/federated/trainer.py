@@ -531,7 +531,10 @@ class FederatedTrainer:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint "
+                f"({type(err).__name__}: {err})"
+            ) from err
         if not isinstance(ckpt, dict) or ckpt.get("flora_checkpoint") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a flora federated checkpoint (format {CHECKPOINT_FORMAT})")
         method = _method_path(self.module)
