@@ -12,23 +12,13 @@ import torch
 import yaml
 
 from flora.cli import main
-from flora.data import FederatedDataModule
 from flora.errors import FloraConfigError, FloraRunError
 from flora.federated import FederatedTrainer
 from flora.federated.trainer import CheckpointError, _RunLock
 from flora.methods import PromptFL, PromptFLFT
 
 from .conftest import tiny_config
-
-
-def _trainer(tmp_path: Path, **kw: object) -> FederatedTrainer:
-    args = dict(rounds=2, output_dir=str(tmp_path / "runs"), name="t", progress=False, seed=0)
-    args.update(kw)
-    return FederatedTrainer(**args)  # type: ignore[arg-type]
-
-
-def _dm(root: Path, **kw: object) -> FederatedDataModule:
-    return FederatedDataModule(root=str(root), batch_size=8, **kw)  # type: ignore[arg-type]
+from .test_federated import _dm, _trainer
 
 
 def _history(run: Path) -> list[dict]:
