@@ -110,11 +110,36 @@ def test_probe_measures_zero_shot_linear_probe_and_coop(tmp_path: Path) -> None:
     assert f"| photo | {photo['zero_shot']:.1f} | {photo['linear_probe']:.1f} | {photo['coop']:.1f} |" in text
     assert f"| {photo['patch_zero_shot']:.1f} |" in text  # the patch-token column (flora-tiny is a ViT)
     assert json.loads(out.with_suffix(".json").read_text())["styles"]["dark"] == result["styles"]["dark"]
+    # base-to-novel: 5 base and 4 novel classes, each half scored as a task of its own
+    assert {"zero_shot_base", "coop_base", "zero_shot_novel", "coop_novel"} <= set(photo)
+    assert photo["zero_shot_base"] != photo["zero_shot_novel"]
+    assert (
+        f"| photo | {photo['zero_shot_base']:.1f} | {photo['coop_base']:.1f} | "
+        f"{photo['coop_base'] - photo['zero_shot_base']:+.1f} | {photo['zero_shot_novel']:.1f} |" in text
+    )
+    assert "| linear probe >= 90 % |" in text
     # a random text tower knows nothing: zero-shot near chance, while a linear probe still fits the images
     random = run_probe(clip_pretrained=None, config=cfg, output=None, progress=False)["styles"]["photo"]
     assert random["zero_shot"] < photo["zero_shot"]
     with pytest.raises(ValueError, match="unknown style"):
         run_probe(config=ProbeConfig(styles=["watercolour"]), output=None, progress=False)
+
+
+def test_regime_checks_follow_the_targets() -> None:
+    from flora.probe import regime_checks
+
+    good = dict(
+        zero_shot=60.0,
+        linear_probe=92.0,
+        patch_zero_shot=40.0,
+        zero_shot_base=58.0,
+        coop_base=70.0,
+        zero_shot_novel=62.0,
+        coop_novel=55.0,
+    )
+    assert [ok for _, _, ok in regime_checks(good)] == [True] * 5
+    bad = dict(good, linear_probe=79.0, coop_base=67.0, coop_novel=62.5, patch_zero_shot=35.0)
+    assert [ok for _, _, ok in regime_checks(bad)] == [False] * 5
 
 
 def test_bench_probe_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
