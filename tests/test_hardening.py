@@ -97,6 +97,13 @@ def test_cli_range_errors_are_one_line_and_write_nothing(
     assert not (tmp_path / "runs").exists()
 
 
+def _finished_cli_run(tmp_path: Path, root: Path) -> tuple[Path, Path]:
+    """A one-round ``flora fit`` of the tiny config: its config file and its checkpoint."""
+    cfg = tiny_config(tmp_path, root, rounds=1)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    return cfg, tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt"
+
+
 def test_cli_yaml_syntax_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [\n  class_path: flora.methods.PromptFL\n")
@@ -107,9 +114,7 @@ def test_cli_yaml_syntax_error_is_one_line(tmp_path: Path, capsys: pytest.Captur
 def test_cli_truncated_checkpoint_is_one_line(
     tmp_path: Path, tiny_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = tiny_config(tmp_path, tiny_root, rounds=1)
-    assert main(["fit", "--config", str(cfg)]) == 0
-    ckpt = tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt"
+    cfg, ckpt = _finished_cli_run(tmp_path, tiny_root)
     truncated = tmp_path / "half.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     line = _cli_error(
@@ -137,10 +142,8 @@ def test_cli_unwritable_output_folder_is_one_line(
 def test_checkpoint_hyperparameters_never_override_the_config(
     tmp_path: Path, tiny_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = tiny_config(tmp_path, tiny_root, rounds=1)
-    assert main(["fit", "--config", str(cfg)]) == 0
-    run = tmp_path / "runs" / "t"
-    ckpt_file = run / "checkpoints" / "last.ckpt"
+    cfg, ckpt_file = _finished_cli_run(tmp_path, tiny_root)
+    run = ckpt_file.parents[1]
     ckpt = torch.load(ckpt_file, weights_only=True)
     ckpt["hyper_parameters"] = {"lr": 123.0, "n_ctx": 4}
     torch.save(ckpt, ckpt_file)

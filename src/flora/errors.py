@@ -7,9 +7,18 @@ the message without a traceback (set ``FLORA_DEBUG=1`` for one).
 
 from __future__ import annotations
 
-from flora.data.errors import FloraDataError
+from collections.abc import Collection
+from typing import Any
 
-__all__ = ["FloraConfigError", "FloraDataError", "FloraRunError", "check_range"]
+__all__ = ["FloraConfigError", "FloraDataError", "FloraRunError", "check_choice", "check_range"]
+
+
+class FloraDataError(RuntimeError):
+    """A data problem (missing/corrupt shard or manifest, impossible partition, ...).
+
+    The message is a single line that names the problem, the file or client involved and,
+    where possible, how to fix it.
+    """
 
 
 class FloraConfigError(ValueError):
@@ -50,3 +59,12 @@ def check_range(
         else:
             what = f"{'<' if high_open else '<='} {high}"
         raise FloraConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Collection[str]) -> None:
+    """Raise ``FloraConfigError("<name> must be 'a', 'b' or 'c', got 'x'")`` unless ``value`` is a choice."""
+    if value in choices:
+        return
+    quoted = [repr(c) for c in choices]
+    allowed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise FloraConfigError(f"{name} must be {allowed}, got {value!r}")

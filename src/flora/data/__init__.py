@@ -1,7 +1,6 @@
 """Datasets, partitioners, per-client shards, the federated datamodule and the feature cache."""
 
 from flora.data.datamodule import FederatedDataModule
-from flora.data.errors import FloraDataError
 from flora.data.features import FeatureCache
 from flora.data.partition import (
     IID,
@@ -22,6 +21,7 @@ from flora.data.shards import (
     write_federated_shards,
 )
 from flora.data.synthetic import SourceDataset, SyntheticShapes
+from flora.errors import FloraDataError
 
 __all__ = [
     "CIFAR",

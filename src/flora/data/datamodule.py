@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms as T
 
-from flora.data.errors import FloraDataError, check_option
 from flora.data.features import FeatureCache
 from flora.data.partition import Partitioner
 from flora.data.shards import (
@@ -26,6 +25,7 @@ from flora.data.shards import (
     write_federated_shards,
 )
 from flora.data.synthetic import SourceDataset
+from flora.errors import FloraDataError, check_range
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,10 +85,10 @@ class FederatedDataModule(L.LightningDataModule):
         client_id: int = 0,
     ) -> None:
         super().__init__()
-        check_option("data.batch_size", batch_size, low=1)
-        check_option("data.eval_batch_size", eval_batch_size, low=1)
-        check_option("data.num_workers", num_workers, low=0)
-        check_option("data.client_id", client_id, low=0)
+        check_range("data.batch_size", batch_size, low=1)
+        check_range("data.eval_batch_size", eval_batch_size, low=1)
+        check_range("data.num_workers", num_workers, low=0)
+        check_range("data.client_id", client_id, low=0)
         self.root = Path(root)
         self.dataset = dataset
         self.partition = partition

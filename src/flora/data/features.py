@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from flora.data.errors import check_choice, config_error
+from flora.errors import FloraConfigError, check_choice
 
 #: The metadata entry of a disk cache file that holds the tensors' sha256.
 CHECKSUM_KEY = "sha256"
@@ -49,7 +49,7 @@ class FeatureCache:
     def __init__(self, mode: str = "memory", directory: str | os.PathLike | None = None) -> None:
         check_choice("data.feature_cache", mode, ("memory", "disk", "off"))
         if mode == "disk" and directory is None:
-            raise config_error("data.feature_cache: disk needs a cache directory")
+            raise FloraConfigError("data.feature_cache: disk needs a cache directory")
         self.mode = mode
         self.directory = Path(directory) if directory is not None else None
         self._memory: dict[str, tuple[Tensor, Tensor]] = {}

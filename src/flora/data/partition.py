@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flora.data.errors import FloraDataError, check_choice, check_option
+from flora.errors import FloraDataError, check_choice, check_range
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Partitioner:
     """
 
     def __init__(self, num_clients: int = 10, seed: int = 0, test: str = "matched") -> None:
-        check_option("data.partition.num_clients", num_clients, low=1)
-        check_option("data.partition.seed", seed, low=0)
+        check_range("data.partition.num_clients", num_clients, low=1)
+        check_range("data.partition.seed", seed, low=0)
         check_choice("data.partition.test", test, ("matched", "all"))
         self.num_clients = num_clients
         self.seed = seed
@@ -190,9 +190,9 @@ class Dirichlet(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(num_clients, seed, test)
-        check_option("data.partition.alpha", alpha, low=0, low_open=True)
-        check_option("data.partition.min_size", min_size, low=0)
-        check_option("data.partition.max_retries", max_retries, low=1)
+        check_range("data.partition.alpha", alpha, low=0, low_open=True)
+        check_range("data.partition.min_size", min_size, low=0)
+        check_range("data.partition.max_retries", max_retries, low=1)
         self.alpha = alpha
         self.min_size = min_size
         self.max_retries = max_retries
@@ -254,8 +254,8 @@ class Pathological(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(num_clients, seed, test)
-        check_option("data.partition.classes_per_client", classes_per_client, low=1)
-        check_option("data.partition.num_shots", num_shots, low=1, allow_none=True)
+        check_range("data.partition.classes_per_client", classes_per_client, low=1)
+        check_range("data.partition.num_shots", num_shots, low=1, allow_none=True)
         self.classes_per_client = classes_per_client
         self.num_shots = num_shots
 
@@ -332,7 +332,7 @@ class FewShot(Partitioner):
         self, num_clients: int = 10, num_shots: int = 16, seed: int = 0, test: str = "matched"
     ) -> None:
         super().__init__(num_clients, seed, test)
-        check_option("data.partition.num_shots", num_shots, low=1)
+        check_range("data.partition.num_shots", num_shots, low=1)
         self.num_shots = num_shots
 
     def assign_train(self, labels, num_classes, domains, rng):  # type: ignore[no-untyped-def]
@@ -365,9 +365,9 @@ class Domains(Partitioner):
         test: str = "matched",
     ) -> None:
         super().__init__(1, seed, test)
-        check_option("data.partition.clients_per_domain", clients_per_domain, low=1)
-        check_option("data.partition.alpha", alpha, low=0, low_open=True, allow_none=True)
-        check_option("data.partition.min_size", min_size, low=0)
+        check_range("data.partition.clients_per_domain", clients_per_domain, low=1)
+        check_range("data.partition.alpha", alpha, low=0, low_open=True, allow_none=True)
+        check_range("data.partition.min_size", min_size, low=0)
         self.clients_per_domain = clients_per_domain
         self.alpha = alpha
         self.min_size = min_size

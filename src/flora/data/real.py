@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flora.data.errors import FloraDataError, check_option, config_error
 from flora.data.synthetic import SPLITS, SourceDataset
+from flora.errors import FloraConfigError, FloraDataError, check_range
 
 __all__ = [
     "COOP_PRESETS",
@@ -273,7 +273,7 @@ class CIFAR(SourceDataset):
 
     def __init__(self, name: str = "cifar10", root: str = "data/raw", download: bool = False) -> None:
         if name not in _CIFAR_SPECS:
-            raise config_error(f"data.dataset.name must be one of {sorted(_CIFAR_SPECS)}, got {name!r}")
+            raise FloraConfigError(f"data.dataset.name must be one of {sorted(_CIFAR_SPECS)}, got {name!r}")
         self.name = name
         self.root = root
         self.download = download
@@ -400,7 +400,7 @@ class CoOpDataset(_FileDataset):
 
     def __init__(self, name: str = "oxford_pets", root: str = "data/raw", include_val: bool = False) -> None:
         if name not in COOP_PRESETS:
-            raise config_error(f"data.dataset.name must be one of {sorted(COOP_PRESETS)}, got {name!r}")
+            raise FloraConfigError(f"data.dataset.name must be one of {sorted(COOP_PRESETS)}, got {name!r}")
         self.name = name
         self.root = root
         self.include_val = include_val
@@ -505,9 +505,9 @@ DOMAINNET_FL_CLASSES: list[str] = [
 def _check_domains(domains: list[str]) -> list[str]:
     domains = [str(d) for d in domains]
     if not domains:
-        raise config_error("data.dataset.domains must name at least one domain")
+        raise FloraConfigError("data.dataset.domains must name at least one domain")
     if len(set(domains)) != len(domains):
-        raise config_error(f"data.dataset.domains must not repeat, got {domains}")
+        raise FloraConfigError(f"data.dataset.domains must not repeat, got {domains}")
     return domains
 
 
@@ -546,11 +546,11 @@ class DomainNet(_FileDataset):
         self.all_classes = all_classes
         if not all_classes:
             if not self.classes:
-                raise config_error(
+                raise FloraConfigError(
                     "data.dataset.classes must name at least one class (or set all_classes: true)"
                 )
             if len(set(self.classes)) != len(self.classes):
-                raise config_error(f"data.dataset.classes must not repeat, got {self.classes}")
+                raise FloraConfigError(f"data.dataset.classes must not repeat, got {self.classes}")
 
     def _read_split_file(self, path: Path) -> list[tuple[str, str, int]]:
         """Sorted (relative path, class folder, original label) of every line of a split file."""
@@ -689,8 +689,8 @@ class OfficeCaltech10(_FileDataset):
         test_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
-        check_option("data.dataset.test_fraction", test_fraction, low=0.0, high=1.0, high_open=True)
-        check_option("data.dataset.seed", seed, low=0)
+        check_range("data.dataset.test_fraction", test_fraction, low=0.0, high=1.0, high_open=True)
+        check_range("data.dataset.seed", seed, low=0)
         self.root = root
         self.domain_names = _check_domains(
             list(OFFICE_CALTECH10_DOMAINS) if domains is None else list(domains)

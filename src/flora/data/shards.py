@@ -38,9 +38,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from flora.data.errors import FloraDataError
 from flora.data.partition import Partitioner, base_novel_split
 from flora.data.synthetic import SourceDataset
+from flora.errors import FloraDataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from flora.data.errors import check_option, config_error
+from flora.errors import FloraConfigError, check_range
 
 __all__ = [
     "COLORS",
@@ -390,21 +390,21 @@ class SyntheticShapes(SourceDataset):
         seed: int = 0,
     ) -> None:
         styles = ["photo"] if styles is None else list(styles)
-        check_option("data.dataset.num_colors", num_colors, low=1, high=len(COLORS))
-        check_option("data.dataset.num_shapes", num_shapes, low=1, high=len(SHAPES))
-        check_option("data.dataset.train_per_class", train_per_class, low=1)
-        check_option("data.dataset.test_per_class", test_per_class, low=0)
-        check_option("data.dataset.image_size", image_size, low=8)
-        check_option("data.dataset.seed", seed, low=0)
+        check_range("data.dataset.num_colors", num_colors, low=1, high=len(COLORS))
+        check_range("data.dataset.num_shapes", num_shapes, low=1, high=len(SHAPES))
+        check_range("data.dataset.train_per_class", train_per_class, low=1)
+        check_range("data.dataset.test_per_class", test_per_class, low=0)
+        check_range("data.dataset.image_size", image_size, low=8)
+        check_range("data.dataset.seed", seed, low=0)
         if not styles:
-            raise config_error("data.dataset.styles must name at least one style")
+            raise FloraConfigError("data.dataset.styles must name at least one style")
         unknown = [s for s in styles if s not in STYLES]
         if unknown:
-            raise config_error(
+            raise FloraConfigError(
                 f"data.dataset.styles: unknown style(s) {unknown}; valid styles: {sorted(STYLES)}"
             )
         if len(set(styles)) != len(styles):
-            raise config_error(f"data.dataset.styles must not repeat, got {styles}")
+            raise FloraConfigError(f"data.dataset.styles must not repeat, got {styles}")
         self.num_colors = num_colors
         self.num_shapes = num_shapes
         self.train_per_class = train_per_class

@@ -71,7 +71,10 @@ class ClientStore:
         """
         self.clear(write)
         for cid, d in state.items():
-            self.put(int(cid), ClientState.from_dict(d)) if write else self._note(int(cid))
+            if write:
+                self.put(int(cid), ClientState.from_dict(d))
+            else:
+                self._note(int(cid))
 
     def clear(self, write: bool = True) -> None:
         """Forget every client (``write=False``: leave shared files to the writing process)."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 
 from flora.data.datamodule import FederatedDataModule
-from flora.errors import FloraConfigError, FloraRunError, check_range
+from flora.errors import FloraConfigError, FloraRunError, check_choice, check_range
 from flora.federated.metrics import ClientEval, evaluate_predictions, summarise
 from flora.federated.sampling import ClientSampler, derive_seed
 from flora.federated.store import ClientState, ClientStore, make_store, to_cpu_copy
@@ -200,12 +200,8 @@ class FederatedTrainer:
             raise FloraConfigError(
                 f"trainer.precision must be one of {', '.join(_SUPPORTED_PRECISION)}, got {precision!r}"
             )
-        if optimizer_state not in ("persist", "reset"):
-            raise FloraConfigError(
-                f"trainer.optimizer_state must be 'persist' or 'reset', got {optimizer_state!r}"
-            )
-        if state_store not in ("memory", "disk"):
-            raise FloraConfigError(f"trainer.state_store must be 'memory' or 'disk', got {state_store!r}")
+        check_choice("trainer.optimizer_state", optimizer_state, ("persist", "reset"))
+        check_choice("trainer.state_store", state_store, ("memory", "disk"))
         unknown = set(loggers) - {"csv", "wandb"}
         if unknown:
             raise FloraConfigError(
