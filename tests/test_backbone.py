@@ -107,3 +107,26 @@ def test_missing_pretrained_fails_fast_with_hint(monkeypatch: pytest.MonkeyPatch
 def test_too_long_prompt_is_a_clear_error(backbone: CLIPBackbone) -> None:
     with pytest.raises(ValueError, match="context length"):
         backbone.build_class_prompts(["a " * 20 + "thing"], 16)
+
+
+def test_flora_tiny_patchifies_with_a_conv_stem(backbone: CLIPBackbone) -> None:
+    from flora.clip.backbone import ConvStem
+
+    stem = backbone.model.visual.conv1
+    assert isinstance(stem, ConvStem)
+    x = torch.randn(2, 3, 32, 32)
+    assert stem(x).shape == (2, backbone.model.visual.transformer.width, 4, 4)  # the ViT's 8 px patch grid
+    pooled, tokens = backbone.encode_image_tokens(x)
+    assert tokens.shape == (2, 16, backbone.embed_dim)
+    with pytest.raises(ValueError, match="patch size 8 needs 4 channel entries"):
+        ConvStem((16, 32), 128, 8)
+
+
+def test_weights_without_the_conv_stem_are_refused(tmp_path) -> None:
+    import open_clip
+
+    plain = open_clip.create_model("flora-tiny", pretrained=None)  # open_clip alone: one patch conv
+    path = tmp_path / "old.pt"
+    torch.save(plain.state_dict(), path)
+    with pytest.raises(PretrainedWeightsError, match="conv-stem ViT"):
+        CLIPBackbone("flora-tiny", str(path))

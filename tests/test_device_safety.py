@@ -220,3 +220,24 @@ def test_initialise_and_train_on_cuda(cls: type[FederatedPromptModule]) -> None:
         assert torch.equal(got, value), f"{cls.__name__}.{name} differs between cpu and cuda"
     logits = _exercise(m, device, GeneratorDeviceGuard())
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["zero-shot", "Local", "PromptFL", "FedOTP", "pFedMoAP", "FLORA"])
+def test_federated_fit_on_cuda_under_bf16_mixed(name: str, tmp_path) -> None:
+    """A whole federated fit (cached features, training, Base/Novel evaluation) under bf16-mixed."""
+    from flora.bench import BenchConfig, make_datamodule, make_method
+    from flora.federated import FederatedTrainer
+
+    cfg = BenchConfig(rounds=1, local_epochs=1, num_colors=4, num_shapes=5, clip_pretrained=None)
+    trainer = FederatedTrainer(
+        rounds=1,
+        accelerator="cuda",
+        precision="bf16-mixed",
+        output_dir=str(tmp_path / "runs"),
+        name=name.replace("+", "p"),
+        progress=False,
+        loggers=[],
+    )
+    summary = trainer.fit(make_method(name, cfg), make_datamodule("label", 0, cfg, tmp_path))
+    assert 0.0 <= summary["final"]["local_acc_mean"] <= 100.0

@@ -43,15 +43,15 @@ __all__ = ["ProbeConfig", "run_probe"]
 class ProbeConfig:
     """The probe task: one centralised world per style."""
 
-    num_colors: int = 6
-    num_shapes: int = 6
+    num_colors: int = 10
+    num_shapes: int = 10
     train_per_class: int = 40
     test_per_class: int = 20
     styles: list[str] = field(default_factory=lambda: list(STYLES))
     seed: int = 0
     n_ctx: int = 4
     coop_epochs: int = 6
-    coop_lr: float = 0.05
+    coop_lr: float = 0.01
     probe_steps: int = 500
     batch_size: int = 32
     #: base-to-novel CoOp: training images per base class, and epochs over them
@@ -184,7 +184,7 @@ def probe_style(model: LocalCoOp, world: SyntheticShapes, cfg: ProbeConfig) -> d
 def run_probe(
     clip_model: str = "flora-tiny",
     clip_pretrained: str | None = "shipped",
-    config: ProbeConfig | None = None,
+    task: ProbeConfig | None = None,
     output: str | None = "docs/backbone.md",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -193,14 +193,14 @@ def run_probe(
     Args:
         clip_model: open_clip model name.
         clip_pretrained: weights (``shipped``, a file or an open_clip tag).
-        config: the probe task.
+        task: the probe task (on the command line ``--task.styles '[photo]'`` etc.).
         output: markdown file to write (a ``.json`` with the same stem is written beside it);
             ``None`` only prints.
         progress: print one line per style.
     """
     from flora.bench import machine
 
-    cfg = config or ProbeConfig()
+    cfg = task or ProbeConfig()
     unknown = [s for s in cfg.styles if s not in STYLES]
     if unknown:
         raise ValueError(f"unknown style(s) {unknown}; valid styles: {sorted(STYLES)}")
