@@ -171,6 +171,36 @@ def test_bench_accuracy_writes_tables_and_figures(tmp_path: Path) -> None:
         assert (tmp_path / "docs" / "figures" / fig).stat().st_size > 1000
 
 
+def _record(method: str, seed: int, curve: list[float], base: float = 50.0) -> dict:
+    final = dict(local_acc_mean=curve[-1], base_acc_mean=base, novel_acc_mean=40.0, hm=45.0)
+    return dict(setting="label", seed=seed, method=method, final=final, curve=list(enumerate(curve, 1)))
+
+
+def test_results_state_convergence_and_the_comparisons_from_the_runs() -> None:
+    from flora.bench import _results_markdown
+
+    runs = [
+        _record("zero-shot", 0, [60.0, 60.0, 60.0], base=58.0),
+        _record("zero-shot", 1, [60.0, 60.0, 60.0], base=58.0),
+        # seed-mean Local of PromptFL: 70, 80, 80.5 (flat at the end although single seeds move)
+        _record("PromptFL", 0, [70.0, 81.0, 80.0], base=61.0),
+        _record("PromptFL", 1, [70.0, 79.0, 81.0], base=63.0),
+        _record("FedOTP", 0, [50.0, 60.0, 66.0]),
+        _record("FedOTP", 1, [50.0, 60.0, 64.0]),
+    ]
+    result = dict(
+        machine="m", seconds=60.0, runs=runs, settings={"label": "label skew"}, config=BenchConfig().__dict__
+    )
+    text = _results_markdown(result)
+    assert "between rounds 2 and 3 the seed-mean Local of every method moved by at most 5.0 points (FedOTP)" in text
+    assert "more than 1 point: FedOTP (+5.0)." in text
+    assert "PromptFL Base 62.0 % vs. zero-shot Base 58.0 % (above)" in text
+    assert "FedOTP Local minus PromptFL Local: -15.5 points" in text
+    assert "20 training images per class in label skew, 4 per class and style" in text
+    runs[2]["curve"][-1] = (3, 90.0)  # PromptFL seed 0 still rising: seed mean +5.5
+    assert "more than 1 point: PromptFL (+5.5), FedOTP (+5.0)." in _results_markdown(result)
+
+
 def test_bench_speed_reports_phases(tmp_path: Path) -> None:
     result = run_speed(
         str(tmp_path / "docs"), str(tmp_path / "work"), rounds=2, devices=[1], cfg=BenchConfig(**MINI)

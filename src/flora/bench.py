@@ -76,24 +76,26 @@ SETTINGS = {
 class BenchConfig:
     """Shared settings of every benchmark run (the same for all methods: nothing is tuned per method)."""
 
-    rounds: int = 6
+    rounds: int = 16
     local_epochs: int = 3
     eval_every: int = 2
     n_ctx: int = 8
     rank: int = 4
-    lr: float = 0.03
+    lr: float = 0.001
     batch_size: int = 32
     num_colors: int = 10
     num_shapes: int = 10
+    train_per_class: int = 20  # label skew: training images per class (photo style only)
+    train_per_class_style: int = 4  # feature shift / both: training images per class and style
     clip_pretrained: str | None = "shipped"
 
 
 def _world(setting: str, cfg: BenchConfig) -> tuple[SyntheticShapes, type[Partitioner], dict[str, Any]]:
     if setting == "label":
-        ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, 20, 10, 32, ["photo"], seed=0)
+        ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, cfg.train_per_class, 10, 32, ["photo"], seed=0)
         return ds, Dirichlet, {"num_clients": 10, "alpha": 0.1, "min_size": 10}
     styles = list(STYLES)
-    ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, 8, 4, 32, styles, seed=0)
+    ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, cfg.train_per_class_style, 4, 32, styles, seed=0)
     if setting == "feature":
         return ds, Domains, {"clients_per_domain": 1}
     if setting == "both":
@@ -447,7 +449,9 @@ def _results_markdown(result: dict[str, Any]) -> str:
         "memory; FedOTP gamma 0.8, eps 0.1; pFedMoAP 9 experts, lambda 0.5, gate lr 0.01; FedPGP "
         "and FLORA mu 1, tau 0.5",
         f"- world: {cfg['num_colors']} colours x {cfg['num_shapes']} shapes = "
-        f"{cfg['num_colors'] * cfg['num_shapes']} classes; base-to-novel protocol: clients train on the "
+        f"{cfg['num_colors'] * cfg['num_shapes']} classes; {cfg.get('train_per_class', 20)} training images per "
+        f"class in label skew, {cfg.get('train_per_class_style', 8)} per class and style in the other two "
+        "settings; base-to-novel protocol: clients train on the "
         f"first {(cfg['num_colors'] * cfg['num_shapes'] + 1) // 2} classes (Local and Base are over these), "
         "Novel is over the other half (chance: 2 %)",
         f"- backbone: `flora-tiny` with the shipped weights (`flora pretrain-tiny`; {result.get('weights', 'not recorded')})",
@@ -479,7 +483,37 @@ def _results_markdown(result: dict[str, Any]) -> str:
         lines += [f"![per-client accuracy](figures/clients_{setting}.png)", ""]
         lines += [f"![partition](figures/partition_{setting}.png)", ""]
         lines += _checks(rows, methods)
+        lines += _convergence(result, setting)
     return "\n".join(lines) + "\n"
+
+
+def _seed_mean_curve(result: dict[str, Any], setting: str, method: str) -> list[tuple[int, float]]:
+    """Local accuracy per evaluated round, averaged over the seeds that evaluated that round."""
+    per_round: dict[int, list[float]] = {}
+    for run in result["runs"]:
+        if run["setting"] == setting and run["method"] == method:
+            for rnd, acc in run["curve"]:
+                per_round.setdefault(int(rnd), []).append(acc)
+    return [(rnd, statistics.fmean(v)) for rnd, v in sorted(per_round.items())]
+
+
+def _convergence(result: dict[str, Any], setting: str, tol: float = 1.0) -> list[str]:
+    """Whether the seed-mean Local curves have flattened: change over the last evaluation interval."""
+    deltas = {}
+    for method in dict.fromkeys(r["method"] for r in result["runs"] if r["setting"] == setting):
+        curve = _seed_mean_curve(result, setting, method)
+        if len(curve) >= 2:
+            deltas[method] = (curve[-2][0], curve[-1][0], curve[-1][1] - curve[-2][1])
+    if not deltas:
+        return []
+    worst = max(deltas, key=lambda m: abs(deltas[m][2]))
+    moving = [f"{m} ({d:+.1f})" for m, (_, _, d) in deltas.items() if abs(d) > tol]
+    first, last, _ = deltas[worst]
+    return [
+        f"- convergence: between rounds {first} and {last} the seed-mean Local of every method moved by at "
+        f"most {abs(deltas[worst][2]):.1f} points ({worst}); more than {tol:.0f} point: {', '.join(moving) or 'none'}.",
+        "",
+    ]
 
 
 def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str]) -> list[str]:
@@ -495,6 +529,14 @@ def _checks(rows: dict[str, dict[str, tuple[float, float]]], methods: list[str])
         pfl = rows["PromptFL"]["local_acc_mean"][0]
         better = [m for m in PERSONALISED if m in rows and rows[m]["local_acc_mean"][0] > pfl]
         out.append(f"- personalised methods above PromptFL on Local: {', '.join(better) or 'none'}.")
+        if "zero-shot" in rows:
+            zs_base = rows["zero-shot"]["base_acc_mean"][0]
+            pfl_base = rows["PromptFL"]["base_acc_mean"][0]
+            verdict = "above" if pfl_base > zs_base else "not above"
+            out.append(f"- PromptFL Base {pfl_base:.1f} % vs. zero-shot Base {zs_base:.1f} % ({verdict}).")
+        if "FedOTP" in rows:
+            gap = rows["FedOTP"]["local_acc_mean"][0] - pfl
+            out.append(f"- FedOTP Local minus PromptFL Local: {gap:+.1f} points.")
     if "FLORA" in rows:
         hm = {m: rows[m]["hm"] for m in methods}
         best = max(methods, key=lambda m: hm[m][0])
