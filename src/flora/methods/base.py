@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -25,6 +25,16 @@ from flora.clip import ClassPrompts, CLIPBackbone
 from flora.errors import FloraConfigError, check_range
 
 StateDict = dict[str, Tensor]
+
+
+class Upload(NamedTuple):
+    """What one client sends the server after its local training."""
+
+    client_id: int
+    #: the client's training-set size (FedAvg's weight)
+    num_samples: int
+    #: a CPU copy of the client's global-role tensors
+    state: StateDict
 
 
 def check_option(
