@@ -294,6 +294,11 @@ class FederatedPromptModule(L.LightningModule):
             self._global_only = previous
             self._eval_text = None
 
+    @property
+    def is_zero_shot(self) -> bool:
+        """True inside :meth:`zero_shot`: the module evaluates as zero-shot CLIP."""
+        return self._zero_shot
+
     @contextmanager
     def zero_shot(self) -> Iterator[None]:
         """Evaluate as zero-shot CLIP: the anchor template's text features, the plain image feature."""
