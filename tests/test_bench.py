@@ -177,7 +177,7 @@ def _record(method: str, seed: int, curve: list[float], base: float = 50.0) -> d
 
 
 def test_results_state_convergence_and_the_comparisons_from_the_runs() -> None:
-    from flora.bench import _results_markdown
+    from flora.bench.accuracy import _results_markdown
 
     runs = [
         _record("zero-shot", 0, [60.0, 60.0, 60.0], base=58.0),
@@ -192,7 +192,10 @@ def test_results_state_convergence_and_the_comparisons_from_the_runs() -> None:
         machine="m", seconds=60.0, runs=runs, settings={"label": "label skew"}, config=BenchConfig().__dict__
     )
     text = _results_markdown(result)
-    assert "between rounds 2 and 3 the seed-mean Local of every method moved by at most 5.0 points (FedOTP)" in text
+    assert (
+        "between rounds 2 and 3 the seed-mean Local of every method moved by at most 5.0 points (FedOTP)"
+        in text
+    )
     assert "more than 1 point: FedOTP (+5.0)." in text
     assert "PromptFL Base 62.0 % vs. zero-shot Base 58.0 % (above)" in text
     assert "FedOTP Local minus PromptFL Local: -15.5 points" in text
@@ -318,3 +321,36 @@ def test_bench_ablation_command_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*args, "--cfg.clip_pretrained", "null"]) == 0
     assert "| mu 0 | `mu=0.0` |" in (tmp_path / "docs" / "ablation.md").read_text()
     assert "[1/1] label    seed 0 mu 0" in capsys.readouterr().out
+
+
+def test_every_method_gets_the_same_budget() -> None:
+    """``make_method`` reads the registry: each method maps the shared n_ctx / rank / lr to its own options."""
+    from flora.bench import METHODS, PERSONALISED, make_method
+    from flora.methods import REGISTRY
+
+    assert METHODS == (
+        "zero-shot",
+        "Local",
+        "PromptFL",
+        "PromptFL+FT",
+        "PromptPer",
+        "PromptProx",
+        "PromptAMP",
+        "pFedPrompt",
+        "FedOTP",
+        "pFedMoAP",
+        "FedPGP",
+        "FLORA",
+    )
+    assert PERSONALISED == tuple(m for m in METHODS if m not in ("zero-shot", "PromptFL", "PromptProx"))
+    prompt = {"n_ctx": 7, "lr": 0.001}
+    expected = {name: prompt for name in METHODS}
+    expected["zero-shot"] = {}  # nothing is learned
+    expected["PromptPer"] = {"n_global": 4, "n_local": 3, "lr": 0.001}  # n_ctx - n_ctx // 2 shared
+    expected["FedPGP"] = expected["FLORA"] = {**prompt, "rank": 4}
+    assert {name: cls.budget_options(7, 4, 0.001) for name, cls in REGISTRY.items()} == expected
+    m = make_method("FLORA", BenchConfig(n_ctx=8, rank=4, clip_pretrained=None), adapter="none")
+    assert (m.hparams["n_ctx"], m.hparams["rank"], m.hparams["lr"], m.adapter) == (8, 4, 0.001, None)
+    assert m.hparams["clip_pretrained"] is None and m.hparams["clip_model"] == "flora-tiny"
+    with pytest.raises(ValueError, match="unknown method 'FedAvg'"):
+        make_method("FedAvg", BenchConfig())

@@ -69,17 +69,175 @@ def test_validate_from_checkpoint(tmp_path: Path, tiny_root: Path) -> None:
     assert result["local_acc_mean"] == summary["final"]["local_acc_mean"]
 
 
-@pytest.mark.parametrize("cfg", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
-def test_print_config_of_shipped_configs(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+SYNTHETIC = REPO / "configs" / "synthetic"
+# configs/synthetic/<file>.yaml -> the method it selects (composed with configs/synthetic/base.yaml)
+SYNTHETIC_METHODS = {
+    "fedotp": "flora.methods.FedOTP",
+    "fedpgp": "flora.methods.FedPGP",
+    "flora": "flora.methods.FLORA",
+    "pfedmoap": "flora.methods.PFedMoAP",
+    "pfedprompt": "flora.methods.PFedPrompt",
+    "promptamp": "flora.methods.PromptAMP",
+    "promptfl": "flora.methods.PromptFL",
+    "promptfl_ft": "flora.methods.PromptFLFT",
+    "promptper": "flora.methods.PromptPer",
+    "promptprox": "flora.methods.PromptProx",
+}
+# what configs/synthetic/base.yaml gives every method (the base-to-novel protocol)
+SYNTHETIC_DATA = {
+    "root": "data/synthetic-base-novel",
+    "dataset": {
+        "class_path": "flora.data.SyntheticShapes",
+        "init_args": {
+            "num_colors": 6,
+            "num_shapes": 6,
+            "train_per_class": 40,
+            "test_per_class": 20,
+            "image_size": 32,
+            "seed": 0,
+        },
+    },
+    "partition": {
+        "class_path": "flora.data.Dirichlet",
+        "init_args": {"num_clients": 10, "alpha": 0.1, "min_size": 10, "seed": 0},
+    },
+    "base_novel": True,
+    "batch_size": 32,
+    "feature_cache": "memory",
+}
+SYNTHETIC_TRAINER = {"rounds": 10, "local_epochs": 1, "seed": 0, "eval_every": 1, "zero_shot_reference": True}
+
+
+def _shipped_runs() -> list[list[Path]]:
+    """Every config set that a shipped run uses: the single files, and base.yaml + each synthetic method."""
+    singles = [[p] for p in sorted((REPO / "configs").rglob("*.yaml")) if p.parent != SYNTHETIC]
+    composed = [[SYNTHETIC / "base.yaml", SYNTHETIC / f"{name}.yaml"] for name in sorted(SYNTHETIC_METHODS)]
+    return singles + composed
+
+
+def _config_args(files: list[Path]) -> list[str]:
+    return [arg for f in files for arg in ("--config", str(f))]
+
+
+def _print_config(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     from flora.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(cfg), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"].startswith("flora.methods."), cfg
-    assert printed["data"]["partition"]["class_path"].startswith("flora.data."), cfg
-    assert printed["trainer"]["name"], cfg
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _assert_contains(resolved: object, expected: object, where: str) -> None:
+    """Every value of ``expected`` is in ``resolved`` (which also holds the defaults)."""
+    if isinstance(expected, dict):
+        assert isinstance(resolved, dict), where
+        for key, value in expected.items():
+            assert key in resolved, f"{where}.{key}"
+            _assert_contains(resolved[key], value, f"{where}.{key}")
+    else:
+        assert resolved == expected, f"{where}: {resolved!r} != {expected!r}"
+
+
+@pytest.mark.parametrize(
+    "files", _shipped_runs(), ids=lambda fs: "+".join(f"{f.parent.name}/{f.stem}" for f in fs)
+)
+def test_print_config_of_shipped_configs(files: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    printed = _print_config(capsys, *_config_args(files))
+    assert printed["model"]["class_path"].startswith("flora.methods."), files
+    assert printed["data"]["partition"]["class_path"].startswith("flora.data."), files
+    assert printed["trainer"]["name"] not in (None, "", "default"), files
+
+
+def test_synthetic_folder_is_base_plus_one_model_file_per_method() -> None:
+    assert {p.stem for p in SYNTHETIC.glob("*.yaml")} == {"base", *SYNTHETIC_METHODS}
+    base = yaml.safe_load((SYNTHETIC / "base.yaml").read_text())
+    assert set(base) == {"data", "trainer"}
+    assert "name" not in base["trainer"]  # each method names its own run folder
+    names = []
+    for name in SYNTHETIC_METHODS:
+        cfg = yaml.safe_load((SYNTHETIC / f"{name}.yaml").read_text())
+        assert set(cfg) == {"model", "trainer"}, name  # no data: that comes from base.yaml
+        assert set(cfg["trainer"]) == {"name"}, name
+        names.append(cfg["trainer"]["name"])
+    assert len(set(names)) == len(names), names
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_METHODS))
+def test_synthetic_method_composed_with_base(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    method = yaml.safe_load((SYNTHETIC / f"{name}.yaml").read_text())
+    printed = _print_config(capsys, *_config_args([SYNTHETIC / "base.yaml", SYNTHETIC / f"{name}.yaml"]))
+    assert printed["model"]["class_path"] == SYNTHETIC_METHODS[name]
+    _assert_contains(printed["model"], method["model"], "model")
+    _assert_contains(printed["data"], SYNTHETIC_DATA, "data")
+    _assert_contains(printed["trainer"], {**SYNTHETIC_TRAINER, **method["trainer"]}, "trainer")
+    # the order of the two files does not matter: they set disjoint keys
+    swapped = _print_config(capsys, *_config_args([SYNTHETIC / f"{name}.yaml", SYNTHETIC / "base.yaml"]))
+    assert swapped == printed
+
+
+def test_command_line_overrides_a_composed_config(capsys: pytest.CaptureFixture[str]) -> None:
+    printed = _print_config(
+        capsys,
+        *_config_args([SYNTHETIC / "base.yaml", SYNTHETIC / "flora.yaml"]),
+        "--data.partition.init_args.alpha",
+        "0.5",
+        "--model.init_args.mu",
+        "5",
+    )
+    assert printed["data"]["partition"]["init_args"]["alpha"] == 0.5
+    assert printed["model"]["init_args"]["mu"] == 5.0
+    assert printed["model"]["init_args"]["rank"] == 2  # the rest of the method file stays
+    assert printed["data"]["partition"]["init_args"]["num_clients"] == 10
+
+
+def test_error_method_file_without_data(capsys: pytest.CaptureFixture[str]) -> None:
+    from flora.cli import main
+
+    assert main(["fit", "--config", str(SYNTHETIC / "flora.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flora: error: no `data` section") and "configs/synthetic/base.yaml" in err
+
+
+def test_composed_synthetic_config_runs(tmp_path: Path) -> None:
+    proc = _run(
+        "fit",
+        *_config_args([SYNTHETIC / "base.yaml", SYNTHETIC / "promptfl.yaml"]),
+        "--trainer.rounds",
+        "1",
+        "--trainer.output_dir",
+        str(tmp_path / "runs"),
+        "--trainer.progress",
+        "false",
+        "--data.root",
+        str(tmp_path / "data"),
+        # a small world so that the run takes seconds
+        "--data.dataset.init_args.num_colors",
+        "3",
+        "--data.dataset.init_args.num_shapes",
+        "3",
+        "--data.dataset.init_args.train_per_class",
+        "12",
+        "--data.dataset.init_args.test_per_class",
+        "6",
+        "--data.partition.init_args.num_clients",
+        "4",
+        "--data.partition.init_args.alpha",
+        "0.5",
+        "--data.partition.init_args.min_size",
+        "3",
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "synthetic-promptfl"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["class_path"] == "flora.methods.PromptFL"
+    assert config["model"]["init_args"]["n_ctx"] == 4
+    assert config["data"]["base_novel"] is True
+    assert config["data"]["partition"]["init_args"]["num_clients"] == 4
+    assert config["trainer"]["rounds"] == 1 and config["trainer"]["zero_shot_reference"] is True
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"]["round"] == 1
+    assert {"local_acc_mean", "base_acc_mean", "novel_acc_mean", "hm"} <= set(summary["final"])
 
 
 def test_prepare_writes_manifest(tmp_path: Path) -> None:

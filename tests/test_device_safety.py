@@ -32,10 +32,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flora.methods as methods
-from flora.methods import CoOpModule, FederatedPromptModule, Role
+from flora.methods import REGISTRY, CoOpModule, FederatedPromptModule, KeepsLastUploads, Role
 
 NAMES = ["red circle", "blue square", "green triangle"]
-_BASES = (FederatedPromptModule, CoOpModule)  # exported building blocks, not methods
+_BASES = (FederatedPromptModule, CoOpModule, KeepsLastUploads)  # exported building blocks, not methods
 
 
 def _method_classes() -> list[type[FederatedPromptModule]]:
@@ -116,7 +116,7 @@ def _build(cls: type[FederatedPromptModule]) -> FederatedPromptModule:
     """The method on the shipped tiny CLIP with small options."""
     params = inspect.signature(cls).parameters
     small = {"n_ctx": 4, "rank": 2, "n_global": 2, "n_local": 2, "num_experts": 2}
-    return cls(NAMES, clip_model="flora-tiny", **{k: v for k, v in small.items() if k in params})
+    return cls(class_names=NAMES, clip_model="flora-tiny", **{k: v for k, v in small.items() if k in params})
 
 
 def _role_shapes(m: FederatedPromptModule, role: Role) -> dict[str, torch.Size]:
@@ -172,7 +172,8 @@ def _exercise(m: FederatedPromptModule, device: torch.device, guard: GeneratorDe
 def test_methods_are_found() -> None:
     names = {c.__name__ for c in METHODS}
     assert {"PFedMoAP", "PFedPrompt", "FLORA", "FedOTP", "PromptFL", "ZeroShotCLIP"} <= names
-    assert names == {n for n in methods.__all__ if n not in {"FederatedPromptModule", "CoOpModule", "Role"}}
+    assert set(METHODS) == set(REGISTRY.values())  # every exported method is registered
+    assert names <= set(methods.__all__)
 
 
 def test_guard_catches_a_generator_on_another_device() -> None:

@@ -11,7 +11,7 @@ the same config *bitwise*: every non-timing field of every ``metrics.jsonl`` rec
 memory, on disk, and on disk with 2 of 4 clients per round (a client's first state can then
 be newer than the last checkpoint).
 
-The wrapper only changes timing, never values: it makes the write of ``last.tmp<pid>`` take
+The wrapper only changes timing, never values: it makes the write of ``last.ckpt.tmp<pid>`` take
 ~0.5 s (serialise to bytes, then write them in chunks with sleeps) so kills can land inside
 it, adds short sleeps before each client's training and each evaluation so kills can land
 inside those too, and appends a trace of what the process was doing. The resumes run the
@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 FLORA = [sys.executable, "-m", "flora"]
 ROUNDS = 4
-WRITE_S = 0.5  # how long the wrapper's write of last.tmp<pid> takes
+WRITE_S = 0.5  # how long the wrapper's write of last.ckpt.tmp<pid> takes
 TRAIN_SLEEP_S = 0.06  # wrapper sleep before each client's local training
 EVAL_SLEEP_S = 0.1  # wrapper sleep before each evaluation
 RUN_TIMEOUT_S = 300
@@ -79,7 +79,7 @@ _save = torch.save
 
 
 def slow_save(obj, f, *args, **kwargs):
-    if not (isinstance(f, (str, os.PathLike)) and Path(f).name.startswith("last.tmp")):
+    if not (isinstance(f, (str, os.PathLike)) and Path(f).name.startswith("last.ckpt.tmp")):
         return _save(obj, f, *args, **kwargs)
     buf = io.BytesIO()
     _save(obj, buf, *args, **kwargs)
@@ -254,7 +254,7 @@ def _wait_and_kill(proc: subprocess.Popen, kill: Kill, trace: Path, run: Path, t
             proc.wait()
             raise AssertionError(f"{kill.label}: never saw {kill.event!r} within {RUN_TIMEOUT_S} s")
         seen = kill.event is None or any(_matches(e, kill.event) for _, e in _events(trace))
-        if seen and (not kill.tmp_file or any(ckpt_dir.glob("last.tmp*"))):
+        if seen and (not kill.tmp_file or any(ckpt_dir.glob("last.ckpt.tmp*"))):
             break
         time.sleep(0.005)
     time.sleep(kill.delay)
@@ -264,7 +264,7 @@ def _wait_and_kill(proc: subprocess.Popen, kill: Kill, trace: Path, run: Path, t
     proc.wait()
     at = time.monotonic() - t_start
     # this process's own temporary checkpoint (a resume starts next to the one of the run it resumes)
-    if (ckpt_dir / f"last.tmp{proc.pid}").exists():
+    if (ckpt_dir / f"last.ckpt.tmp{proc.pid}").exists():
         where = "mid-write"
     else:
         where = "between-ckpts" if (ckpt_dir / "last.ckpt").is_file() else "no-ckpt"

@@ -140,3 +140,22 @@ def test_unchanged_shards_keep_hitting_the_cache(tiny_root: Path, tmp_path: Path
     dm.feature_dataset(2, "train", _encoder, "test-encoder")
     assert (dm.cache.hits, dm.cache.misses) == (1, 0)
     assert len(_entries(root)) == 1
+
+
+def test_a_failed_entry_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries are written to a temporary file and renamed: a failed write leaves nothing behind."""
+    import flora.data.features as features
+
+    feats, labels = torch.ones(2, 3), torch.tensor([0, 1])
+    cache = FeatureCache("disk", tmp_path / "features")
+    cache.get_or_compute("ok", lambda: (feats, labels))
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["ok.safetensors"]
+
+    def failing_save(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        Path(filename).write_bytes(b"half an entry")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(features, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        FeatureCache("disk", tmp_path / "features").get_or_compute("bad", lambda: (feats, labels))
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["ok.safetensors"]

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from flora.data import FederatedDataModule
 from flora.federated import ClientSampler, ClientState, DiskClientStore, FederatedTrainer, MemoryClientStore
+from flora.federated.metrics import mean_std
+from flora.federated.sampling import derive_seed
 from flora.methods import LocalCoOp, PromptFL, ZeroShotCLIP
 
 from .conftest import tiny_config
@@ -50,7 +55,7 @@ def test_sampler_is_fixed_in_advance_and_seeded() -> None:
 def test_store_copies_on_put_and_get(tmp_path: Path, kind: str) -> None:
     store = MemoryClientStore() if kind == "memory" else DiskClientStore(tmp_path / "s")
     t = torch.zeros(3)
-    store.put(1, ClientState({"a": t}, {"state": {0: {"momentum_buffer": torch.ones(3)}}}, 1))
+    store.put(1, ClientState({"a": t}, {"state": {0: {"momentum_buffer": torch.ones(3)}}}))
     t.add_(5)
     got = store.get(1)
     assert got is not None and torch.equal(got.local["a"], torch.zeros(3))
@@ -74,9 +79,10 @@ def test_fit_writes_run_folder_and_client_states_do_not_alias(tmp_path: Path, ti
     for key in ("local_acc_mean", "local_acc_std", "local_acc_worst10", "local_acc_pooled", "local_f1_mean"):
         assert 0.0 <= summary["final"][key] <= 100.0 or key == "local_acc_std"
     assert summary["final"]["bytes_up_total"] == 0  # Local CoOp never communicates
-    # every client has its own state, and no two states share storage
+    # every client trained in both rounds, has its own state, and no two states share storage
+    assert [r["clients"] for r in records] == [[0, 1, 2, 3]] * 2
     states = [trainer.store.get(c) for c in range(4)]
-    assert all(s is not None and s.rounds_trained == 2 for s in states)
+    assert all(s is not None for s in states)
     ptrs = {s.local["prompt.ctx"].untyped_storage().data_ptr() for s in states}  # type: ignore[union-attr]
     assert len(ptrs) == 4
     internal = [trainer.store._states[c].local["prompt.ctx"] for c in range(4)]  # type: ignore[attr-defined]
@@ -233,3 +239,69 @@ def test_zero_shot_reference_equals_zero_shot_method(tmp_path: Path, tiny_root: 
     ]
     assert len(records[-1]["local_acc_clients"]) == 4
     assert sum(records[-1]["local_acc_clients"]) / 4 == pytest.approx(records[-1]["local_acc_mean"])
+
+
+def test_training_batches_reach_the_method_unread_and_in_the_seeded_order(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    """Reading a loader draws its shuffling generator: a method that ignores the batches leaves the order alone."""
+
+    class Recorder(PromptFL):
+        def __init__(self, **kw: object) -> None:
+            super().__init__(**kw)  # type: ignore[arg-type]
+            self.turns: list[
+                list
+            ] = []  # per client turn: [batches given to the method, first labels trained on]
+
+        def before_local_training(self, batches: object) -> None:
+            self.turns.append([batches, None])
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if self.turns[-1][1] is None:
+                self.turns[-1][1] = batch[1].clone()
+            return super().training_step(batch, batch_idx)
+
+    module = Recorder(n_ctx=4, lr=0.01)
+    dm = _dm(tiny_root)
+    _trainer(tmp_path, rounds=1).fit(module, dm)
+    assert len(module.turns) == 4
+    for cid, (batches, first) in enumerate(module.turns):
+        seed = derive_seed(0, 3, 0, cid)  # round 0, client cid
+        expected = next(iter(dm.client_loader(cid, "train", train=True, seed=seed)))[1]
+        assert torch.equal(first.cpu(), expected)
+        # the batches are still readable, on the device, as (inputs, labels)
+        x, y = next(iter(batches))
+        assert x.device == module.device and y.shape[0] == x.shape[0]
+
+
+def test_client_states_of_the_previous_format_still_load(tmp_path: Path, tiny_root: Path) -> None:
+    """Client states once also counted the rounds a client trained: checkpoints and disk stores holding it load."""
+    old = {"local": {"a": torch.ones(2)}, "optim": None, "rounds_trained": 3}
+    state = ClientState.from_dict(old)
+    assert torch.equal(state.local["a"], torch.ones(2)) and state.optim is None
+    store = DiskClientStore(tmp_path / "s")
+    store.put(5, state)
+    torch.save({"optim": None, "rounds_trained": 3}, tmp_path / "s" / "client-000005.optim.pt")
+    got = DiskClientStore(tmp_path / "s").get(5)
+    assert got is not None and torch.equal(got.local["a"], torch.ones(2))
+    # a checkpoint whose client entries carry the old field resumes like any other
+    first = _trainer(tmp_path / "run", rounds=1).fit(PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root))
+    ckpt_file = tmp_path / "run" / "runs" / "t" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_file, weights_only=True)
+    assert set(next(iter(ckpt["clients"].values()))) == {"local", "optim"}
+    for entry in ckpt["clients"].values():
+        entry["rounds_trained"] = 1
+    torch.save(ckpt, ckpt_file)
+    again = _trainer(tmp_path / "run", rounds=2).fit(
+        PromptFL(n_ctx=4, lr=0.01), _dm(tiny_root), ckpt_path="last"
+    )
+    assert again["final"]["round"] == 2 and first["final"]["round"] == 1
+
+
+def test_mean_std_is_numpys_with_the_given_ddof() -> None:
+    values = [61.25, 47.5, 90.0, 12.125, 33.0]
+    assert mean_std(values) == (float(np.mean(values)), float(np.std(values)))
+    assert mean_std(values, ddof=1)[1] == float(np.std(values, ddof=1))
+    assert mean_std(values, ddof=1)[1] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    assert mean_std([4.0]) == (4.0, 0.0)
+    assert all(math.isnan(v) for v in (*mean_std([]), mean_std([4.0], ddof=1)[1]))

@@ -38,7 +38,7 @@ def test_sinkhorn_marginals() -> None:
 
 
 def test_fedotp_logits_gradients_and_global_part() -> None:
-    m = FedOTP(NAMES, n_ctx=2, gamma=0.8, eps=0.1)
+    m = FedOTP(class_names=NAMES, n_ctx=2, gamma=0.8, eps=0.1)
     assert m.parameter_roles() == {"prompt.ctx": Role.GLOBAL, "personal.ctx": Role.LOCAL}
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     feats = m.image_features(x)
@@ -64,7 +64,7 @@ def test_fedotp_logits_gradients_and_global_part() -> None:
     with pytest.raises(ValueError, match="patch features"):
         m.ot_logits(feats[:, 0], text)
     with pytest.raises(ValueError, match="gamma"):
-        FedOTP(NAMES, gamma=0.0)
+        FedOTP(class_names=NAMES, gamma=0.0)
 
 
 def test_fedotp_federated_run(tmp_path: Path, tiny_root: Path) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from flora.data import FederatedDataModule
 from flora.federated import FederatedTrainer
 from flora.methods import FLORA, FedPGP, Role
-from flora.prompts import FeatureGate, LowRankTerm, orthogonality_penalty
+from flora.prompts import ImageAdapter, LowRankTerm, orthogonality_penalty
 
 NAMES = ["red circle", "red square", "blue circle", "blue square", "green star"]
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +46,15 @@ def _roles(m) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
     ],
 )
 def test_flora_roles_per_adapter_mode(kwargs: dict, glob: set, local: set) -> None:
-    m = FLORA(NAMES, n_ctx=4, rank=2, **kwargs)
+    m = FLORA(class_names=NAMES, n_ctx=4, rank=2, **kwargs)
     assert _roles(m) == {"global": glob, "local": local}
     assert (m.adapter is None) == (kwargs.get("adapter") == "none")
 
 
 def test_fedpgp_roles() -> None:
-    assert _roles(FedPGP(NAMES, n_ctx=4, rank=2)) == {"global": {"prompt"}, "local": {"lowrank"}}
+    assert _roles(FedPGP(class_names=NAMES, n_ctx=4, rank=2)) == {"global": {"prompt"}, "local": {"lowrank"}}
     with pytest.raises(ValueError, match="adapter"):
-        FLORA(NAMES, adapter="sometimes")
+        FLORA(class_names=NAMES, adapter="sometimes")
 
 
 def test_orthonormal_init_and_penalty() -> None:
@@ -74,8 +74,8 @@ def test_orthonormal_init_and_penalty() -> None:
     a.reset_parameters(gen_a), b.reset_parameters(gen_b)
     assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
     assert (
-        FLORA(NAMES, n_ctx=4, rank=2).lowrank.orthonormal
-        and not FedPGP(NAMES, n_ctx=4, rank=2).lowrank.orthonormal
+        FLORA(class_names=NAMES, n_ctx=4, rank=2).lowrank.orthonormal
+        and not FedPGP(class_names=NAMES, n_ctx=4, rank=2).lowrank.orthonormal
     )
 
 
@@ -83,7 +83,7 @@ def test_orthonormal_init_and_penalty() -> None:
 def test_flora_reset_gives_the_specified_initialisation(adapter: str) -> None:
     """The real method's resets: sigma, A ~ N(0, 0.02); B orthonormal columns (QR of a Gaussian); adapter default."""
     n_ctx, rank = 16, 8
-    m = FLORA(NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
+    m = FLORA(class_names=NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
     width = m.backbone.token_width
     with torch.no_grad():  # whatever construction left behind must not survive the resets
         m.lowrank.B.mul_(3.0).add_(1.0)
@@ -107,7 +107,7 @@ def test_flora_reset_gives_the_specified_initialisation(adapter: str) -> None:
     changed = any(not torch.equal(adapter_after[k], v) for k, v in adapter_before.items())
     assert changed == (adapter == "local")  # a local adapter is a new client's tensor too
     # the same generator gives the same client; another one another client
-    again = FLORA(NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
+    again = FLORA(class_names=NAMES, n_ctx=n_ctx, rank=rank, adapter=adapter)
     again.reset_local_parameters(torch.Generator().manual_seed(4))
     assert torch.equal(again.lowrank.B, m.lowrank.B) and torch.equal(again.lowrank.A, m.lowrank.A)
     again.reset_local_parameters(torch.Generator().manual_seed(5))
@@ -125,24 +125,24 @@ def test_flora_reset_gives_the_specified_initialisation(adapter: str) -> None:
 
 
 def test_fedpgp_u_is_gaussian_not_orthonormal() -> None:
-    m = FedPGP(NAMES, n_ctx=16, rank=8)
+    m = FedPGP(class_names=NAMES, n_ctx=16, rank=8)
     m.reset_local_parameters(torch.Generator().manual_seed(4))
     U = m.lowrank.B.detach()
     assert float(U.std()) == pytest.approx(0.02, rel=0.3)  # 128 draws
     assert float(orthogonality_penalty(U)) > 1.0  # far from orthonormal: U^T U ~ 0.0064 I
 
 
-def test_feature_gate_is_softmax_over_features() -> None:
-    gate = FeatureGate(6)
+def test_image_adapter_is_softmax_over_features() -> None:
+    adapter = ImageAdapter(6)
     f = torch.randn(3, 6)
-    a = gate.gate(f)
+    a = adapter.gate(f)
     torch.testing.assert_close(a.sum(-1), torch.ones(3))
-    torch.testing.assert_close(gate(f), F.normalize(a * f, dim=-1))
+    torch.testing.assert_close(adapter(f), F.normalize(a * f, dim=-1))
 
 
 def _hand_loss(m: FedPGP, x: torch.Tensor, y: torch.Tensor, flora: bool) -> dict[str, torch.Tensor]:
     """Every term computed separately, with two text-tower calls and explicit formulas."""
-    prompts = m.prompts
+    prompts = m.class_prompts
     sigma, BA = m.prompt.ctx, m.lowrank.B @ m.lowrank.A
     zP = m.backbone.encode_prompted(sigma + BA, prompts)
     zG = m.backbone.encode_prompted(sigma, prompts)
@@ -170,7 +170,7 @@ def _hand_loss(m: FedPGP, x: torch.Tensor, y: torch.Tensor, flora: bool) -> dict
 @pytest.mark.parametrize("cls", [FedPGP, FLORA])
 def test_each_loss_term_matches_hand_computation(cls: type[FedPGP]) -> None:
     torch.manual_seed(0)
-    m = cls(NAMES, n_ctx=4, rank=2, mu=0.7, tau=0.3)
+    m = cls(class_names=NAMES, n_ctx=4, rank=2, mu=0.7, tau=0.3)
     with torch.no_grad():  # move away from the init so that every term is non-trivial
         m.lowrank.B.add_(0.3 * torch.randn_like(m.lowrank.B))
         m.lowrank.A.add_(0.05 * torch.randn_like(m.lowrank.A))
@@ -188,7 +188,7 @@ def test_each_loss_term_matches_hand_computation(cls: type[FedPGP]) -> None:
 def test_text_tower_once_per_step_and_anchor_cached(
     cls: type[FedPGP], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = cls(NAMES, n_ctx=4, rank=2)
+    m = cls(class_names=NAMES, n_ctx=4, rank=2)
     calls = {"text": 0, "anchor": 0}
     run_text, anchor = m.backbone._run_text, m.backbone.anchor_features
 
@@ -213,7 +213,7 @@ def test_text_tower_once_per_step_and_anchor_cached(
 @pytest.mark.parametrize("cls", [FedPGP, FLORA])
 def test_plain_lightning_trainer(cls: type[FedPGP]) -> None:
     L.seed_everything(0)
-    m = cls(NAMES, n_ctx=4, rank=2, lr=0.01)
+    m = cls(class_names=NAMES, n_ctx=4, rank=2, lr=0.01)
     before = {k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad}
     x, y = _batch(12)
     trainer = L.Trainer(
@@ -232,14 +232,14 @@ def test_plain_lightning_trainer(cls: type[FedPGP]) -> None:
 
 
 def test_global_only_drops_every_local_part() -> None:
-    m = FLORA(NAMES, n_ctx=4, rank=2, adapter="local").eval()
+    m = FLORA(class_names=NAMES, n_ctx=4, rank=2, adapter="local").eval()
     with torch.no_grad():
         m.lowrank.B.add_(1.0)
     x, _ = _batch(3)
     with torch.no_grad(), m.global_only():
         got = m(x)
         f = F.normalize(m.backbone.encode_image(x), dim=-1)
-        expected = m.backbone.logit_scale * f @ m.backbone.encode_prompted(m.prompt.ctx, m.prompts).T
+        expected = m.backbone.logit_scale * f @ m.backbone.encode_prompted(m.prompt.ctx, m.class_prompts).T
     torch.testing.assert_close(got, expected)
     with torch.no_grad():
         assert not torch.allclose(m(x), got)  # outside the context the local parts are back
@@ -305,6 +305,8 @@ def test_synthetic_configs_finish_with_full_protocol(tmp_path: Path, name: str) 
             "-m",
             "flora",
             "fit",
+            "--config",
+            str(REPO / "configs" / "synthetic" / "base.yaml"),
             "--config",
             str(REPO / "configs" / "synthetic" / f"{name}.yaml"),
             "--trainer.rounds",

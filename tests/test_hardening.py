@@ -14,7 +14,9 @@ import yaml
 from flora.cli import main
 from flora.errors import FloraConfigError, FloraRunError
 from flora.federated import FederatedTrainer
-from flora.federated.trainer import CheckpointError, _RunLock
+from flora.federated.checkpoint import CheckpointError
+from flora.federated.client import ClientRunner
+from flora.federated.rundir import RunLock
 from flora.methods import PromptFL, PromptFLFT
 
 from .conftest import tiny_config
@@ -170,7 +172,7 @@ def test_second_run_with_the_same_name_keeps_the_first_runs_results(tmp_path: Pa
 def test_a_running_run_holds_its_folder(tmp_path: Path, tiny_root: Path) -> None:
     run = tmp_path / "runs" / "t"
     run.mkdir(parents=True)
-    lock = _RunLock(run)
+    lock = RunLock(run)
     lock.acquire()  # another process writing this run
     try:
         with pytest.raises(FloraRunError, match=f"run folder {run} is in use by another flora process"):
@@ -264,21 +266,24 @@ def test_bytes_are_recorded_per_client(tmp_path: Path, tiny_root: Path) -> None:
     assert sum(record["bytes_up_clients"]) == record["bytes_up"]
 
 
-class _RecordingTrainer(FederatedTrainer):
-    def _local_training(self, client_id, epochs, seed, previous, label, max_steps=None):  # type: ignore[no-untyped-def]
-        out = super()._local_training(client_id, epochs, seed, previous, label, max_steps)
-        self.steps_seen.append((label, out[1]))
+def test_evaluation_fine_tuning_is_not_capped_by_max_steps_per_round(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps_seen: list[tuple[str, int]] = []
+    original = ClientRunner.local_training
+
+    def recording(self, client_id, epochs, seed, previous, label, max_steps=None):  # type: ignore[no-untyped-def]
+        out = original(self, client_id, epochs, seed, previous, label, max_steps)
+        steps_seen.append((label, out.steps))
         return out
 
-
-def test_evaluation_fine_tuning_is_not_capped_by_max_steps_per_round(tmp_path: Path, tiny_root: Path) -> None:
-    trainer = _RecordingTrainer(
+    monkeypatch.setattr(ClientRunner, "local_training", recording)
+    trainer = FederatedTrainer(
         rounds=1, max_steps_per_round=1, output_dir=str(tmp_path / "runs"), name="t", progress=False
     )
-    trainer.steps_seen = []  # type: ignore[attr-defined]
     trainer.fit(PromptFLFT(n_ctx=4, ft_epochs=1), _dm(tiny_root))
-    train = [s for label, s in trainer.steps_seen if label.startswith("round")]  # type: ignore[attr-defined]
-    tune = [s for label, s in trainer.steps_seen if label == "evaluation fine-tuning"]  # type: ignore[attr-defined]
+    train = [s for label, s in steps_seen if label.startswith("round")]
+    tune = [s for label, s in steps_seen if label == "evaluation fine-tuning"]
     assert train and all(s == 1 for s in train)
     assert tune and max(tune) > 1  # a full epoch: each client has more than one batch
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from flora.errors import FloraConfigError
 from flora.methods import (
     FLORA,
+    CoOpModule,
     FederatedPromptModule,
     FedOTP,
     FedPGP,
@@ -37,23 +38,23 @@ def _batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_parameter_roles() -> None:
-    assert set(PromptFL(NAMES, n_ctx=4).parameter_roles().values()) == {Role.GLOBAL}
-    assert set(LocalCoOp(NAMES, n_ctx=4).parameter_roles().values()) == {Role.LOCAL}
-    assert ZeroShotCLIP(NAMES).parameter_roles() == {}
-    m = PromptFL(NAMES, n_ctx=4)
+    assert set(PromptFL(class_names=NAMES, n_ctx=4).parameter_roles().values()) == {Role.GLOBAL}
+    assert set(LocalCoOp(class_names=NAMES, n_ctx=4).parameter_roles().values()) == {Role.LOCAL}
+    assert ZeroShotCLIP(class_names=NAMES).parameter_roles() == {}
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     assert list(m.global_state()) == ["prompt.ctx"] and m.local_state() == {}
-    assert not ZeroShotCLIP(NAMES).is_trainable
+    assert not ZeroShotCLIP(class_names=NAMES).is_trainable
 
 
 def test_undeclared_trainable_parameter_is_rejected() -> None:
-    m = PromptFL(NAMES, n_ctx=4)
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     m.extra = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(TypeError, match="extra"):
         m.parameter_roles()
 
 
 def test_gradients_reach_only_learned_tensors() -> None:
-    m = PromptFL(NAMES, n_ctx=4)
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     m.train()
     x, y = _batch()
     loss, _ = m.compute_loss(x, y)
@@ -64,7 +65,7 @@ def test_gradients_reach_only_learned_tensors() -> None:
 
 
 def test_state_copies_do_not_alias_parameters() -> None:
-    m = PromptFL(NAMES, n_ctx=4)
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     state = m.global_state()
     assert state["prompt.ctx"].data_ptr() != m.prompt.ctx.data_ptr()
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_state_copies_do_not_alias_parameters() -> None:
 
 
 def test_fedavg_is_sample_weighted() -> None:
-    m = PromptFL(NAMES, n_ctx=2)
+    m = PromptFL(class_names=NAMES, n_ctx=2)
     cur = m.global_state()
     ups = [
         (2, 30, {"prompt.ctx": torch.full_like(cur["prompt.ctx"], 3.0)}),
@@ -88,7 +89,7 @@ def test_fedavg_is_sample_weighted() -> None:
 
 
 def test_load_state_checks_names_and_shapes() -> None:
-    m = PromptFL(NAMES, n_ctx=4)
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     with pytest.raises(KeyError, match="missing"):
         m.load_global_state({})
     with pytest.raises(ValueError, match="shape"):
@@ -96,7 +97,7 @@ def test_load_state_checks_names_and_shapes() -> None:
 
 
 def test_cached_features_give_same_logits_as_images() -> None:
-    m = PromptFL(NAMES, n_ctx=4).eval()
+    m = PromptFL(class_names=NAMES, n_ctx=4).eval()
     x, _ = _batch(4)
     with torch.no_grad():
         feats = m.image_features(x)
@@ -106,7 +107,7 @@ def test_cached_features_give_same_logits_as_images() -> None:
 @pytest.mark.parametrize("cls", [PromptFL, LocalCoOp])
 def test_plain_lightning_trainer(cls: type[FederatedPromptModule]) -> None:
     L.seed_everything(0)
-    m = cls(NAMES, n_ctx=4, lr=0.01)
+    m = cls(class_names=NAMES, n_ctx=4, lr=0.01)
     backbone_before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     ctx_before = m.prompt.ctx.detach().clone()
     x, y = _batch(16)
@@ -133,7 +134,7 @@ def test_plain_lightning_trainer(cls: type[FederatedPromptModule]) -> None:
 
 
 def test_nan_loss_is_a_clear_error() -> None:
-    m = PromptFL(NAMES, n_ctx=4)
+    m = PromptFL(class_names=NAMES, n_ctx=4)
     with torch.no_grad():
         m.prompt.ctx.fill_(float("nan"))
     x, y = _batch(4)
@@ -142,16 +143,9 @@ def test_nan_loss_is_a_clear_error() -> None:
 
 
 def _all_methods() -> list[type[FederatedPromptModule]]:
-    import flora.methods as methods
+    from flora.methods import REGISTRY
 
-    classes = [getattr(methods, n) for n in methods.__all__]
-    return [
-        c
-        for c in classes
-        if isinstance(c, type)
-        and issubclass(c, FederatedPromptModule)
-        and c.__name__ not in ("FederatedPromptModule", "CoOpModule")
-    ]
+    return list(REGISTRY.values())
 
 
 @pytest.mark.parametrize("cls", _all_methods(), ids=lambda c: c.__name__)
@@ -160,7 +154,7 @@ def test_initialisation_comes_only_from_the_trainers_generators(cls: type[Federa
     states = []
     for noise in (0, 1):
         torch.manual_seed(noise)  # a different global RNG state at construction
-        m = cls(NAMES)
+        m = cls(class_names=NAMES)
         m.reset_global_parameters(torch.Generator().manual_seed(7))
         m.reset_local_parameters(torch.Generator().manual_seed(8))
         states.append({**m.global_state(), **m.local_state()})
@@ -170,7 +164,7 @@ def test_initialisation_comes_only_from_the_trainers_generators(cls: type[Federa
 
 
 def test_moving_the_module_drops_cached_text_features() -> None:
-    m = PromptFL(NAMES, n_ctx=4).eval()
+    m = PromptFL(class_names=NAMES, n_ctx=4).eval()
     x, _ = _batch(2)
     with torch.no_grad():
         m(x)
@@ -276,19 +270,19 @@ def test_out_of_range_options_are_config_errors(
 
     monkeypatch.setattr(base, "CLIPBackbone", no_backbone)
     with pytest.raises(FloraConfigError, match=f"^{re.escape(message)}$"):
-        cls(NAMES, **options)
+        cls(class_names=NAMES, **options)
 
 
 def test_context_must_fit_the_text_encoder() -> None:
     """The tiny CLIP's text context is 32 tokens: start, context, class name, full stop, end."""
     limit = "must be <= 28 for clip_model 'flora-tiny' (its text context holds 32 tokens"
     with pytest.raises(FloraConfigError, match=f"^{re.escape('model.n_ctx ' + limit)}"):
-        PromptFL(NAMES, n_ctx=29)
+        PromptFL(class_names=NAMES, n_ctx=29)
     with pytest.raises(FloraConfigError, match=f"^{re.escape('model.n_global + model.n_local ' + limit)}"):
         PromptPer(n_global=20, n_local=9)
     with pytest.raises(FloraConfigError, match="needs 35 tokens, more than the text context length 32"):
-        PromptFL(["x " * 16], n_ctx=16)  # a class name too long for its prompt
-    assert PromptFL(["x"], n_ctx=28).num_classes == 1  # the longest context fits a one-token name
+        PromptFL(class_names=["x " * 16], n_ctx=16)  # a class name too long for its prompt
+    assert PromptFL(class_names=["x"], n_ctx=28).num_classes == 1  # the longest context fits a one-token name
 
 
 @pytest.mark.parametrize(
@@ -309,4 +303,48 @@ def test_context_must_fit_the_text_encoder() -> None:
 def test_options_at_the_edge_of_their_range_are_accepted(
     cls: type[FederatedPromptModule], options: dict[str, Any]
 ) -> None:
-    cls(NAMES, **options)
+    cls(class_names=NAMES, **options)
+
+
+# ------------------------------------------------------------------ constructor options
+SHARED_OPTIONS = {
+    "class_names",
+    "clip_model",
+    "clip_pretrained",
+    "template",
+    "lr",
+    "momentum",
+    "weight_decay",
+}
+
+
+@pytest.mark.parametrize("cls", _all_methods(), ids=lambda c: c.__name__)
+def test_every_option_reaches_the_command_line_with_its_default(cls: type[FederatedPromptModule]) -> None:
+    """Options passed on with ``**kwargs`` are still listed, with the defaults in effect, by jsonargparse
+    (what ``flora fit --model ... --print_config`` shows) and by ``inspect.signature``."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "model")
+    cli = vars(parser.get_defaults().model)
+    signature = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+    assert cli == signature
+    assert SHARED_OPTIONS <= set(cli)
+    assert cli["lr"] == (1e-3 if cls is FLORA else 2e-3)  # FLORA's own default learning rate
+    if issubclass(cls, CoOpModule):
+        assert {"n_ctx", "ctx_init_std"} <= set(cli) and cli["n_ctx"] == 16
+
+
+@pytest.mark.parametrize("cls", _all_methods(), ids=lambda c: c.__name__)
+def test_hparams_record_every_option(cls: type[FederatedPromptModule]) -> None:
+    """Lightning's ``save_hyperparameters`` follows ``**kwargs`` too: every option but the task, as given."""
+    import inspect
+
+    signature = inspect.signature(cls).parameters
+    small = {"n_ctx": 4, "rank": 2, "n_global": 2, "n_local": 2, "num_experts": 2}
+    given = {"lr": 0.03, **{k: v for k, v in small.items() if k in signature}}
+    m = cls(class_names=NAMES, **given)
+    expected = {name: p.default for name, p in signature.items() if name != "class_names"}
+    assert dict(m.hparams) == {**expected, **given}

@@ -23,7 +23,7 @@ def _with_pool(m: PFedMoAP, prompts: dict[int, torch.Tensor]) -> None:
 
 
 def test_experts_are_the_nearest_other_clients() -> None:
-    m = PFedMoAP(NAMES, n_ctx=2, num_experts=2)
+    m = PFedMoAP(class_names=NAMES, n_ctx=2, num_experts=2)
     assert m.parameter_roles()["prompt.ctx"] is Role.GLOBAL
     assert all(r is Role.LOCAL for n, r in m.parameter_roles().items() if n.startswith("gate."))
     w = m.backbone.token_width
@@ -45,7 +45,7 @@ def test_experts_are_the_nearest_other_clients() -> None:
     m.load_global_state(down)
     torch.testing.assert_close(m.prompt.ctx.detach(), g["prompt.ctx"])  # P_i <- P_g
     assert m.expert_prompts is not None and m.expert_prompts.shape == (2, 2, w)
-    other = PFedMoAP(NAMES, n_ctx=2, num_experts=2)
+    other = PFedMoAP(class_names=NAMES, n_ctx=2, num_experts=2)
     other.load_server_state_dict(m.server_state_dict())
     assert other.experts_of(0) == [1, 3]
 
@@ -69,7 +69,7 @@ def test_gate_scale_and_mixture() -> None:
 
 
 def test_logits_mix_experts_and_local() -> None:
-    m = PFedMoAP(NAMES, n_ctx=2, num_experts=2, lam=0.5).eval()
+    m = PFedMoAP(class_names=NAMES, n_ctx=2, num_experts=2, lam=0.5).eval()
     m.gate.reset_parameters(torch.Generator().manual_seed(0))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_federated_run_and_resume(tmp_path: Path, tiny_root: Path) -> None:
 
 def test_experts_follow_the_module_when_it_moves() -> None:
     """Downloaded experts and their cached features are buffers: .to() moves them with the prompt."""
-    m = PFedMoAP(NAMES, n_ctx=2, num_experts=1)
+    m = PFedMoAP(class_names=NAMES, n_ctx=2, num_experts=1)
     w = m.backbone.token_width
     expert = torch.randn(1, 2, w, generator=torch.Generator().manual_seed(0))[0]
     m.load_global_state({"prompt.ctx": torch.zeros(2, w), "expert.0": expert})

@@ -24,7 +24,7 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["patch", "global"])
 def test_memory_prototypes_and_lfa_logits(kind: str) -> None:
-    m = PFedPrompt(NAMES, n_ctx=2, lfa_features=kind, alpha=2.0, beta=5.5).eval()
+    m = PFedPrompt(class_names=NAMES, n_ctx=2, lfa_features=kind, alpha=2.0, beta=5.5).eval()
     assert m.parameter_roles() == {
         "prompt.ctx": Role.GLOBAL,
         "memory.keys": Role.LOCAL,
@@ -61,8 +61,8 @@ def test_memory_prototypes_and_lfa_logits(kind: str) -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="lfa_features"):
-        PFedPrompt(NAMES, lfa_features="pixels")
-    m = PFedPrompt(NAMES, n_ctx=2)
+        PFedPrompt(class_names=NAMES, lfa_features="pixels")
+    m = PFedPrompt(class_names=NAMES, n_ctx=2)
     with pytest.raises(ValueError, match="no training samples"):
         m.before_local_training([])
 
@@ -70,7 +70,7 @@ def test_bad_arguments() -> None:
 def test_memory_follows_the_training_task_not_the_constructor_names() -> None:
     """Built with more classes than it trains on (all classes under base/novel), the memory still works."""
     everything = NAMES + ["purple heart", "orange moon"]
-    m = PFedPrompt(everything, n_ctx=2).eval()
+    m = PFedPrompt(class_names=everything, n_ctx=2).eval()
     m.set_task(NAMES)  # what the federated trainer does before training: the training task
     x, y = _images(8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_memory_follows_the_training_task_not_the_constructor_names() -> None:
 
 
 def test_memory_is_rebuilt_for_the_task_it_trains_on() -> None:
-    m = PFedPrompt(NAMES, n_ctx=2).eval()
+    m = PFedPrompt(class_names=NAMES, n_ctx=2).eval()
     x = _images(4)
     with torch.no_grad():
         m.before_local_training([(x, torch.tensor([0, 1, 2, 3]))])
@@ -118,7 +118,7 @@ def test_federated_memory_stays_on_each_client(tmp_path: Path, tiny_bn_root: Pat
     trainer = FederatedTrainer(rounds=1, output_dir=str(tmp_path), name="p", progress=False, seed=0)
     # built with all 9 classes: the memory still follows the 5-class training task. A random
     # backbone: the shipped one solves this tiny world outright, so accuracies would tie at 100
-    summary = trainer.fit(PFedPrompt(everything, n_ctx=4, lr=0.01, clip_pretrained=None), dm)
+    summary = trainer.fit(PFedPrompt(class_names=everything, n_ctx=4, lr=0.01, clip_pretrained=None), dm)
     assert set(trainer.global_state) == {"prompt.ctx"}  # the memory is never uploaded
     for c, client in enumerate(manifest["clients"]):
         present = trainer.store.get(c).local["memory.present"]  # type: ignore[union-attr]
@@ -134,7 +134,7 @@ def test_federated_memory_stays_on_each_client(tmp_path: Path, tiny_bn_root: Pat
 
 def test_plain_lightning_trainer_builds_the_memory() -> None:
     L.seed_everything(0)
-    m = PFedPrompt(NAMES, n_ctx=2, lr=0.01)
+    m = PFedPrompt(class_names=NAMES, n_ctx=2, lr=0.01)
     x, y = _images(8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     trainer = L.Trainer(
         max_epochs=1,

@@ -12,6 +12,7 @@ import torch
 
 from flora.data import FederatedDataModule
 from flora.federated import FederatedTrainer
+from flora.federated.client import ClientRunner
 from flora.federated.metrics import ClientEval, evaluate_predictions, summarise
 from flora.methods import PromptAMP, PromptFL
 from flora.methods.base import StateDict
@@ -92,7 +93,7 @@ class _TaskRecorder(PromptFL):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.evaluating: tuple[int, Any] | None = None  # (client, data) set by the trainer spy
+        self.evaluating: tuple[int, Any] | None = None  # (client, shared set) set by the evaluation spy
         self.records: list[dict[str, Any]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class _TaskRecorder(PromptFL):
                     "global_only": self.is_global_only,
                     "names": list(self.class_names),
                     "width": int(logits.shape[-1]),
-                    "tokens": self.prompts.tokens.clone(),  # type: ignore[union-attr]
+                    "tokens": self.class_prompts.tokens.clone(),  # type: ignore[union-attr]
                     "anchor": self.anchor.clone(),
                 }
             )
@@ -114,15 +115,15 @@ class _TaskRecorder(PromptFL):
 
 
 def _spy_eval_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, Any, ClientEval]]:
-    """Tag the module with the (client, data) each ``_eval_client`` call evaluates."""
-    original = FederatedTrainer._eval_client
+    """Tag the module with the (client, shared set) each ``ClientRunner.evaluate`` call evaluates."""
+    original = ClientRunner.evaluate
     signature = inspect.signature(original)
     results: list[tuple[int, Any, ClientEval]] = []
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        cid, data = bound.arguments["client_id"], bound.arguments["data"]
+        cid, data = bound.arguments["client_id"], bound.arguments["shared_set"]
         self.module.evaluating = (cid, data)
         try:
             out = original(self, *args, **kwargs)
@@ -131,7 +132,7 @@ def _spy_eval_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, Any, Cl
         results.append((cid, data, out))
         return out
 
-    monkeypatch.setattr(FederatedTrainer, "_eval_client", spy)
+    monkeypatch.setattr(ClientRunner, "evaluate", spy)
     return results
 
 
@@ -207,7 +208,7 @@ class _PersonalDownloads(PromptFL):
         return super().training_step(batch, batch_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not self._zero_shot:
+        if not self.training and not self.is_zero_shot:
             self.evaluated_with.append(self._holding(self.eval_sent))
         return super().forward(x)
 

@@ -424,3 +424,108 @@ def test_shards_from_office_domains(tmp_path: Path) -> None:
     assert [c["domains"] for c in manifest["clients"]] == [[0], [1]]
     assert [c["num_train"] for c in manifest["clients"]] == [20, 10]
     assert [c["num_test"] for c in manifest["clients"]] == [10, 10]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_layout_is_torchvisions(name: str) -> None:
+    """Folder, file and key names come from torchvision's CIFAR10 / CIFAR100."""
+    import torchvision.datasets as tvd
+
+    from flora.data.real.cifar import _RELEASES
+
+    tv = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    release = _RELEASES[name]
+    assert CIFAR(name=name, root="r").folder == Path("r") / tv.base_folder
+    assert release.files == {
+        "train": [f for f, _ in tv.train_list],
+        "test": [f for f, _ in tv.test_list],
+    }
+    assert (release.meta, release.names_key) == (tv.meta["filename"], tv.meta["key"])
+
+
+def test_cifar_download_uses_torchvisions_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
+    import torchvision.datasets.utils as tvu
+
+    calls: list[tuple] = []
+
+    def fake_download(url: str, root: str, filename: str, md5: str) -> None:
+        calls.append((url, root, filename, md5))
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    ds = CIFAR(name="cifar100", root=str(tmp_path), download=True)
+    with pytest.raises(
+        FloraDataError, match=r"CIFAR folder not found: .*cifar-100-python; the download did not"
+    ):
+        _ = ds.class_names
+    assert calls == [(tvd.CIFAR100.url, str(tmp_path), tvd.CIFAR100.filename, tvd.CIFAR100.tgz_md5)]
+
+
+def _rewrite(path: Path, obj: object) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda p: p.write_bytes(b"not a pickle"),
+            r"cannot read CIFAR file .*test_batch \(.*\); re-download",
+        ),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), r"cannot read CIFAR file .*test_batch"),
+        (lambda p: _rewrite(p, [1, 2]), r"test_batch has no 'data' entry; the file is not a CIFAR"),
+        (
+            lambda p: _rewrite(p, {"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}),
+            r"test_batch holds data of shape \(2, 10\) with 2 labels, expected \(N, 3072\)",
+        ),
+        (
+            lambda p: _rewrite(p, {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 3]}),
+            r"cifar-10-batches-py has labels outside \[0, 3\); re-download the data",
+        ),
+    ],
+)
+def test_corrupt_cifar_files_are_named(tmp_path: Path, damage, message) -> None:  # type: ignore[no-untyped-def]
+    _write_cifar(tmp_path, "cifar10")
+    damage(tmp_path / "cifar-10-batches-py" / "test_batch")
+    ds = CIFAR(name="cifar10", root=str(tmp_path))
+    assert ds.size("train") == 10  # the other split is unaffected
+    with pytest.raises(FloraDataError, match=message) as info:
+        ds.labels("test")
+    assert "\n" not in str(info.value)
+
+
+def test_split_and_index_errors_are_the_same_for_every_source(tmp_path: Path) -> None:
+    from flora.data import SyntheticShapes
+
+    _write_cifar(tmp_path, "cifar10")
+    _write_coop(tmp_path)
+    sources = [
+        SyntheticShapes(num_colors=1, num_shapes=2, train_per_class=1, test_per_class=1),
+        CIFAR(name="cifar10", root=str(tmp_path)),
+        CoOpDataset(root=str(tmp_path)),
+    ]
+    for ds in sources:
+        with pytest.raises(ValueError) as info:
+            ds.labels("val")
+        assert str(info.value) == "unknown split 'val'; valid splits: ['train', 'test']"
+        n = ds.size("test")
+        with pytest.raises(IndexError) as info:
+            ds.image("test", n)
+        assert str(info.value) == f"index {n} out of range for split 'test' of size {n}"
+
+
+def test_public_names_keep_their_homes() -> None:
+    """Every public name of the data package is importable from where it always was."""
+    import flora.data
+    import flora.data.real
+    import flora.data.shards
+    import flora.data.source
+    import flora.data.synthetic
+
+    for name in flora.data.real.__all__:
+        assert hasattr(flora.data.real, name)
+    for name in ("CIFAR", "CoOpDataset", "DomainNet", "OfficeCaltech10", "SourceDataset"):
+        assert getattr(flora.data, name) is not None
+    assert flora.data.synthetic.SourceDataset is flora.data.SourceDataset is flora.data.source.SourceDataset
+    assert flora.data.synthetic.SPLITS is flora.data.shards.SPLITS is flora.data.source.SPLITS

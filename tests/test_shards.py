@@ -289,3 +289,26 @@ def test_bad_datamodule_options_are_one_line_config_errors(tmp_path: Path, kwarg
         FederatedDataModule(str(tmp_path / "d"), **kwargs)
     assert str(info.value) == message
     assert info.value.__context__ is None
+
+
+def test_prepare_leaves_only_the_manifest_and_the_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _write(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "test", "train"]
+
+    replace = os.replace
+
+    def crash_on_manifest(src: object, dst: object) -> None:
+        if Path(str(dst)).name == "manifest.json":
+            raise OSError("simulated crash")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_manifest)
+    with pytest.raises(OSError, match="simulated crash"):
+        _write(tmp_path / "b")
+    # shards in place, but no manifest (so the data is prepared again) and no temporary file
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

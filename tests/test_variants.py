@@ -27,7 +27,7 @@ def _dm(root: Path, base_novel: bool = False) -> FederatedDataModule:
 
 # ------------------------------------------------------------------ PromptProx
 def test_proximal_term_pulls_towards_the_received_prompt() -> None:
-    m = PromptProx(NAMES, n_ctx=4, mu=0.5)
+    m = PromptProx(class_names=NAMES, n_ctx=4, mu=0.5)
     assert float(m.proximal_term().detach()) == 0.0  # nothing received yet: plain CoOp
     received = {"prompt.ctx": torch.randn(4, m.backbone.token_width)}
     m.load_global_state(received)
@@ -74,12 +74,12 @@ def test_prox_keeps_uploads_closer_to_the_global_prompt(tmp_path: Path, tiny_roo
 
 def test_prox_rejects_negative_mu() -> None:
     with pytest.raises(ValueError, match="mu"):
-        PromptProx(NAMES, n_ctx=2, mu=-1.0)
+        PromptProx(class_names=NAMES, n_ctx=2, mu=-1.0)
 
 
 # ------------------------------------------------------------------- PromptPer
 def test_promptper_shares_only_the_global_tokens(tmp_path: Path, tiny_root: Path) -> None:
-    m = PromptPer(NAMES, n_global=3, n_local=2)
+    m = PromptPer(class_names=NAMES, n_global=3, n_local=2)
     assert m.n_ctx == 5
     roles = m.parameter_roles()
     assert roles == {"prompt.ctx": Role.GLOBAL, "personal.ctx": Role.LOCAL}
@@ -118,7 +118,7 @@ def test_promptper_shares_only_the_global_tokens(tmp_path: Path, tiny_root: Path
 
 def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPatch) -> None:
     """The text tower sees ``[SOS] P_g P_p classname . [EOS]``: the global tokens first."""
-    m = PromptPer(NAMES, n_global=3, n_local=2)
+    m = PromptPer(class_names=NAMES, n_global=3, n_local=2)
     m.reset_global_parameters(torch.Generator().manual_seed(1))
     m.reset_local_parameters(torch.Generator().manual_seed(2))
     seen: list[torch.Tensor] = []
@@ -132,7 +132,7 @@ def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPat
     with torch.no_grad():
         feats = m.text_features()
     (tokens,) = seen  # (n_cls, L, d_t): one batched pass over the classes
-    prompts = m.prompts
+    prompts = m.class_prompts
     assert prompts is not None and tokens.shape[:2] == (len(NAMES), prompts.length)
     for c in range(len(NAMES)):
         assert torch.equal(tokens[c, :1], prompts.prefix[c])  # [SOS]
@@ -149,12 +149,12 @@ def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPat
 
 def test_promptper_needs_both_parts() -> None:
     with pytest.raises(ValueError, match="n_local=0 is PromptFL"):
-        PromptPer(NAMES, n_global=4, n_local=0)
+        PromptPer(class_names=NAMES, n_global=4, n_local=0)
 
 
 # ------------------------------------------------------------------- PromptAMP
 def _amp_with(prompts: dict[int, torch.Tensor], **kw: object) -> PromptAMP:
-    m = PromptAMP(NAMES, n_ctx=2, **kw)  # type: ignore[arg-type]
+    m = PromptAMP(class_names=NAMES, n_ctx=2, **kw)  # type: ignore[arg-type]
     m.aggregate(
         [(c, 1, {"prompt.ctx": p}) for c, p in prompts.items()], {"prompt.ctx": torch.zeros_like(prompts[0])}
     )
@@ -162,7 +162,7 @@ def _amp_with(prompts: dict[int, torch.Tensor], **kw: object) -> PromptAMP:
 
 
 def test_amp_message_weights_follow_the_spec() -> None:
-    width = PromptAMP(NAMES, n_ctx=2).backbone.token_width
+    width = PromptAMP(class_names=NAMES, n_ctx=2).backbone.token_width
     base = torch.zeros(2, width)
     prompts = {0: base, 1: base + 0.01, 2: base + 1.0, 3: base + 2.0}
     m = _amp_with(prompts)
@@ -186,18 +186,18 @@ def test_amp_message_weights_follow_the_spec() -> None:
 
 
 def test_amp_server_state_roundtrip_and_fixed_sigma() -> None:
-    width = PromptAMP(NAMES, n_ctx=2).backbone.token_width
+    width = PromptAMP(class_names=NAMES, n_ctx=2).backbone.token_width
     prompts = {0: torch.zeros(2, width), 1: torch.ones(2, width), 2: torch.full((2, width), 3.0)}
     m = _amp_with(prompts, sigma=1e9, self_weight=0.2)
     w = m.message_weights(0)
     assert w[1] == pytest.approx(0.4, rel=1e-4) and w[2] == pytest.approx(
         0.4, rel=1e-4
     )  # huge sigma: uniform
-    other = PromptAMP(NAMES, n_ctx=2, sigma=1e9, self_weight=0.2)
+    other = PromptAMP(class_names=NAMES, n_ctx=2, sigma=1e9, self_weight=0.2)
     other.load_server_state_dict(m.server_state_dict())
     assert other.message_weights(0) == pytest.approx(w)
     with pytest.raises(ValueError, match="self_weight"):
-        PromptAMP(NAMES, n_ctx=2, self_weight=1.5)
+        PromptAMP(class_names=NAMES, n_ctx=2, self_weight=1.5)
 
 
 def test_amp_federated_run_resumes_with_its_server_state(tmp_path: Path, tiny_root: Path) -> None:
@@ -232,24 +232,3 @@ def test_finetuned_copy_is_evaluated_but_never_uploaded(tmp_path: Path, tiny_bn_
         PromptFLFT(n_ctx=4, lr=0.05, ft_epochs=0, clip_pretrained=None), _dm(tiny_bn_root, base_novel=True)
     )
     assert zero["final"]["local_acc_mean"] == pytest.approx(plain["final"]["local_acc_mean"], abs=1e-6)
-
-
-def test_client_batches_are_only_read_when_a_method_asks() -> None:
-    """Iterating a loader draws its shuffling RNG: methods without a client memory must not touch it."""
-    from flora.federated.trainer import _DeviceBatches
-
-    class Loader:
-        iterated = 0
-
-        def __iter__(self):  # type: ignore[no-untyped-def]
-            Loader.iterated += 1
-            yield (torch.zeros(1), torch.zeros(1))
-
-    class FakeFabric:
-        def to_device(self, batch):  # type: ignore[no-untyped-def]
-            return batch
-
-    batches = _DeviceBatches(Loader(), FakeFabric())  # type: ignore[arg-type]
-    PromptFL(NAMES, n_ctx=2).before_local_training(batches)
-    assert Loader.iterated == 0
-    assert len(list(batches)) == 1 and Loader.iterated == 1

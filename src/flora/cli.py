@@ -24,7 +24,8 @@ from flora.clip.backbone import PretrainedWeightsError
 from flora.data.datamodule import FederatedDataModule
 from flora.data.errors import FloraDataError
 from flora.errors import FloraConfigError, FloraRunError
-from flora.federated.trainer import CheckpointError, FederatedTrainer
+from flora.federated.checkpoint import CheckpointError
+from flora.federated.trainer import FederatedTrainer
 from flora.methods.base import FederatedPromptModule
 
 # errors whose message is the whole story: printed as one line, no traceback (FLORA_DEBUG=1 shows it)
@@ -94,15 +95,10 @@ class FloraCLI(LightningCLI):
 
 
 def _method_registry() -> dict[str, type]:
-    import flora.methods as methods
+    """Method classes by class name (``--model PromptFL``), from :data:`flora.methods.REGISTRY`."""
+    from flora.methods import REGISTRY
 
-    return {
-        name: obj
-        for name, obj in vars(methods).items()
-        if isinstance(obj, type)
-        and issubclass(obj, FederatedPromptModule)
-        and obj is not FederatedPromptModule
-    }
+    return {cls.__name__: cls for cls in REGISTRY.values()}
 
 
 def _resolve_class(path: str) -> type | None:
@@ -158,6 +154,44 @@ def _check_method(argv: Sequence[str]) -> str | None:
         what = "is not a flora method" if cls is not None else "not found"
         return f"unknown method class {requested!r} ({what}); available: {known}"
     return None
+
+
+def _config_files(argv: Sequence[str]) -> list[str]:
+    """The config files named by ``--config`` / ``-c`` in ``argv``, in order."""
+    args = list(argv)
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _check_data_section(argv: Sequence[str]) -> str | None:
+    """A one-line error if configs are given but none of them (nor an override) has a ``data`` section.
+
+    A method file such as ``configs/synthetic/flora.yaml`` holds only ``model:`` and is composed
+    with a data/trainer file given before it; alone it would fall back to the default data root.
+    """
+    if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in argv):
+        return None
+    files = _config_files(argv)
+    if not files or any(a == "--data" or a.startswith(("--data.", "--data=")) for a in argv):
+        return None
+    for path in files:
+        try:
+            with open(path) as fh:
+                cfg = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError):
+            return None  # the parser reports it
+        if not isinstance(cfg, dict) or "data" in cfg:
+            return None
+    return (
+        f"no `data` section in {', '.join(files)}: a method file holds only the model; give the "
+        "data/trainer config before it, e.g. "
+        "`flora fit --config configs/synthetic/base.yaml --config configs/synthetic/flora.yaml`"
+    )
 
 
 def prepare_main(argv: Sequence[str]) -> int:
@@ -272,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "bench":
             return bench_main(argv[1:])
         if argv and argv[0] in ("fit", "validate", "test"):
-            problem = _check_method(argv[1:])
+            problem = _check_method(argv[1:]) or _check_data_section(argv[1:])
             if problem:
                 print(f"flora: error: {problem}", file=sys.stderr)
                 return 2

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flora.data.synthetic import STYLES, SyntheticShapes
+from flora.fileio import atomic_write_text
 from flora.methods import LocalCoOp
 
 __all__ = ["ProbeConfig", "run_probe"]
@@ -198,7 +199,7 @@ def run_probe(
             ``None`` only prints.
         progress: print one line per style.
     """
-    from flora.bench import machine
+    from flora.bench.common import machine
 
     cfg = task or ProbeConfig()
     unknown = [s for s in cfg.styles if s not in STYLES]
@@ -232,9 +233,8 @@ def run_probe(
     }
     if output is not None:
         path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_markdown(result))
-        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path, _markdown(result))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
         if progress:
             print(f"flora probe: wrote {path} ({result['seconds']:.0f} s)")
     return result

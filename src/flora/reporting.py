@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from flora.fileio import atomic_write_text
 
 SUMMARY_KEYS = (
     "round",
@@ -39,12 +40,6 @@ _COLUMNS = (
     ("bytes_up", "up KiB", "{:>8.1f}"),
     ("time_round_s", "time s", "{:>7.2f}"),
 )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _options(config_text: str) -> Any:
@@ -86,6 +81,7 @@ def build_summary(
     summary["final"] = pick(evaluated[-1])
     key = "hm" if "hm" in evaluated[-1] else "local_acc_mean"
     summary["best"] = pick(max(evaluated, key=lambda r: r[key]))
+    # in Python floats, not metrics.mean_std: numpy's std of the same values can differ in the last bit
     last = [r["local_acc_mean"] for r in evaluated[-5:]]
     mean = sum(last) / len(last)
     summary["last5"] = {
@@ -122,6 +118,17 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def write_evaluation(path: Path, result: dict[str, Any], progress: bool) -> None:
+    """The result of ``flora validate`` / ``flora test`` (``<kind>.json``) and, with ``progress``, its line."""
+    atomic_write_text(path, json.dumps(result, indent=2))
+    if progress:
+        print(
+            f"{result['kind']}: local acc {result['local_acc_mean']:.2f} ± {result['local_acc_std']:.2f} "
+            f"(worst 10% {result['local_acc_worst10']:.2f}, pooled {result['local_acc_pooled']:.2f}, "
+            f"macro-F1 {result['local_f1_mean']:.2f}) -> {path}"
+        )
+
+
 class RunReporter:
     """Prints progress and the per-round table (rank 0) and writes the run folder."""
 
@@ -134,8 +141,7 @@ class RunReporter:
         self.fabric = fabric
         self.console = Console(highlight=False)
         self._header_done = False
-        self._round_clients = 0
-        self._done = 0
+        self._done = 0  # clients this process trained in the current round
         self.base_novel = False
 
     def note(self, text: str) -> None:
@@ -152,13 +158,13 @@ class RunReporter:
             if resumed and config.is_file() and _options(config.read_text()) != _options(config_text):
                 # a resume with other options keeps the config each part of the run ran with
                 config.replace(self.run_dir / f"config.before-round{trainer.completed_rounds + 1}.yaml")
-            _write_atomic(config, config_text)
+            atomic_write_text(config, config_text)
         # metrics.jsonl and the CSV always mirror the history (a resumed run drops rounds after its checkpoint)
         self._rewrite_metrics(trainer.history)
         self._rewrite_csv(trainer.history)
         if self.progress:
             n_params = sum(p.numel() for p in module.trainable_parameters())
-            cache = "on" if trainer.use_features else "off"
+            cache = "on" if trainer.clients.use_features else "off"
             self.note(
                 f"{type(module).__name__} | {dm.num_clients} clients, {dm.num_classes} classes | "
                 f"{trainer.sampler.per_round} clients/round x {trainer.rounds} rounds | "
@@ -166,8 +172,7 @@ class RunReporter:
                 f"precision={trainer.precision} | feature cache {cache} | run dir {self.run_dir}"
             )
 
-    def round_start(self, round_idx: int, rounds: int, n_clients: int) -> None:
-        self._round_clients = n_clients
+    def round_start(self) -> None:
         self._done = 0
 
     def client_done(self, client_id: int) -> None:
@@ -175,13 +180,13 @@ class RunReporter:
         if self.progress and self.console.is_terminal:
             self.console.print(f"  client {client_id} done ({self._done} on this device)", end="\r")
 
-    def _columns(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    def _columns(self) -> list[tuple[str, str, str]]:
         optional = {"base_acc_mean", "novel_acc_mean", "hm"}
         return [c for c in _COLUMNS if c[0] not in optional or self.base_novel]
 
     def _cells(self, record: dict[str, Any]) -> str:
         cells = []
-        for key, title, fmt in self._columns(record):
+        for key, title, fmt in self._columns():
             width = max(len(title), 5)
             value = record.get(key)
             if key == "clients":
@@ -216,7 +221,7 @@ class RunReporter:
                 logger.save()  # on disk after every round, so a killed run loses no logged round
         if self.progress:
             if not self._header_done:
-                cols = self._columns(record)
+                cols = self._columns()
                 self.console.print(
                     " ".join(f"{title:>{max(len(title), 5)}}" for _, title, _ in cols), soft_wrap=True
                 )
@@ -224,7 +229,7 @@ class RunReporter:
             self.console.print(self._cells(record), soft_wrap=True)
 
     def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
-        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def zero_shot(self, metrics: dict[str, Any]) -> None:
         if self.progress:
@@ -239,7 +244,7 @@ class RunReporter:
         summary = build_summary(history, method, self.run_dir.name, zero_shot)
         if not self.enabled:
             return summary
-        _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_accuracy(
             history, self.run_dir / "accuracy.png", f"{self.run_dir.name}: {method.rsplit('.', 1)[-1]}"
         )

@@ -128,7 +128,6 @@ class CLIPBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.model_name = model_name
-        self.pretrained = pretrained
         self.model = _create_model(model_name, pretrained, cache_dir, init_seed)
         self.model.requires_grad_(False)
         self.model.eval()
@@ -142,10 +141,7 @@ class CLIPBackbone(nn.Module):
         text = text_tower_parts(self.model, model_name)
         self._token_embedding = text["token_embedding"]
         self._positional_embedding = text["positional_embedding"]
-        self._transformer = text["transformer"]
-        self._ln_final = text["ln_final"]
         self._text_projection = text["text_projection"]
-        self._attn_mask = text["attn_mask"]
         self._text = text
         self._fingerprint: str | None = None
         #: when ``profiling`` is on, seconds spent in the image tower and the text tower
@@ -264,8 +260,8 @@ class CLIPBackbone(nn.Module):
         with self._timed("text"):
             return run_text_tower(self._text, x, eot)
 
-    def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts, normalize: bool = True) -> Tensor:
-        """Text features of every class with learned context ``ctx``.
+    def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts) -> Tensor:
+        """Normalised text features of every class with learned context ``ctx``.
 
         ``ctx`` is ``(n_ctx, d_t)`` (one context shared by all classes), ``(P, n_ctx, d_t)``
         (P prompt variants in one batched call) or ``(P, n_cls, n_ctx, d_t)`` (class-specific
@@ -285,21 +281,15 @@ class CLIPBackbone(nn.Module):
         prefix = prompts.prefix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
         suffix = prompts.suffix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
         x = torch.cat([prefix, ctx, suffix], dim=2).reshape(n_var * n_cls, prompts.length, -1)
-        feats = self._run_text(x, prompts.eot.repeat(n_var))
-        if normalize:
-            feats = F.normalize(feats, dim=-1)
+        feats = F.normalize(self._run_text(x, prompts.eot.repeat(n_var)), dim=-1)
         feats = feats.reshape(n_var, n_cls, -1)
         return feats[0] if squeeze else feats
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], normalize: bool = True, truncate: bool = True) -> Tensor:
-        """Features of plain texts through the same (truncated) path."""
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Normalised features of plain texts through the same (truncated) path."""
         tokens = self.tokenize(texts).to(self._token_embedding.weight.device)
-        if truncate:
-            feats = encode_token_ids(self._text, tokens)
-        else:
-            feats = self._run_text(self._token_embedding(tokens), tokens.argmax(dim=-1))
-        return F.normalize(feats, dim=-1) if normalize else feats
+        return F.normalize(encode_token_ids(self._text, tokens), dim=-1)
 
     @torch.no_grad()
     def anchor_features(self, class_names: list[str], template: str = "a photo of a {}.") -> Tensor:

@@ -20,7 +20,8 @@ from flora.data.shards import (
     read_global_samples,
     write_federated_shards,
 )
-from flora.data.synthetic import SourceDataset, SyntheticShapes
+from flora.data.source import SourceDataset
+from flora.data.synthetic import SyntheticShapes
 from flora.errors import FloraDataError
 
 __all__ = [

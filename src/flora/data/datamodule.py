@@ -20,11 +20,14 @@ from flora.data.shards import (
     empty_test_message,
     load_manifest,
     manifest_matches,
+    manifest_not_found,
     read_client_samples,
     read_global_samples,
+    shard_missing,
+    unknown_client,
     write_federated_shards,
 )
-from flora.data.synthetic import SourceDataset
+from flora.data.source import SourceDataset
 from flora.errors import FloraDataError, check_range
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -123,10 +126,7 @@ class FederatedDataModule(L.LightningDataModule):
                     )
             return
         if not self.prepare or self.dataset is None or self.partition is None:
-            raise FloraDataError(
-                f"manifest not found: {self.manifest_path}; run `flora prepare --config ...` "
-                "(or give data.dataset and data.partition with data.prepare: true)"
-            )
+            raise manifest_not_found(self.manifest_path)
         write_federated_shards(self.dataset, self.partition, self.root, base_novel=self.base_novel)
 
     def setup(self, stage: str | None = None) -> None:
@@ -179,7 +179,7 @@ class FederatedDataModule(L.LightningDataModule):
     def _client(self, client_id: int) -> dict[str, Any]:
         clients = self._require_manifest()["clients"]
         if not 0 <= client_id < len(clients):
-            raise FloraDataError(f"unknown client {client_id}: {self.root} has clients 0..{len(clients) - 1}")
+            raise unknown_client(self.root, client_id, len(clients))
         return clients[client_id]
 
     def num_samples(self, client_id: int, split: str = "train") -> int:
@@ -207,7 +207,7 @@ class FederatedDataModule(L.LightningDataModule):
             try:
                 st = path.stat()
             except FileNotFoundError:
-                raise FloraDataError(f"shard {path} is missing; re-run `flora prepare`") from None
+                raise shard_missing(path) from None
             states.append(f"{st.st_size}:{st.st_mtime_ns}")
         return ",".join(states)
 

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from flora.errors import FloraConfigError, check_choice
+from flora.fileio import atomic_write
 
 #: The metadata entry of a disk cache file that holds the tensors' sha256.
 CHECKSUM_KEY = "sha256"
@@ -113,12 +114,7 @@ class FeatureCache:
         if self.mode in ("memory", "disk"):
             self._memory[key] = value
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(
-                {"features": value[0], "labels": value[1]},
-                str(tmp),
-                metadata={CHECKSUM_KEY: self.checksum(*value)},
-            )
-            os.replace(tmp, path)
+            tensors = {"features": value[0], "labels": value[1]}
+            meta = {CHECKSUM_KEY: self.checksum(*value)}
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return value

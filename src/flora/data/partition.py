@@ -115,11 +115,6 @@ class Partitioner:
             part.test = self._matched_test(part, train_labels, test_labels, train_domains, test_domains, rng)
         return part
 
-    def _client_domains(self, part: Partition, train_domains: np.ndarray | None) -> list[set[int]] | None:
-        if train_domains is None:
-            return None
-        return [set(np.unique(train_domains[idx]).tolist()) for idx in part.train]
-
     def _matched_test(
         self,
         part: Partition,

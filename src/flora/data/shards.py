@@ -39,11 +39,11 @@ import webdataset as wds
 from PIL import Image
 
 from flora.data.partition import Partitioner, base_novel_split
-from flora.data.synthetic import SourceDataset
+from flora.data.source import SPLITS, SourceDataset
 from flora.errors import FloraDataError
+from flora.fileio import atomic_write_text
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "test")
 
 
 def _sha256(path: Path) -> str:
@@ -184,9 +184,7 @@ def write_federated_shards(
                 shutil.rmtree(root / s)
             if (tmp / s).exists():
                 os.replace(tmp / s, root / s)
-        manifest_tmp = root / f"manifest.json.tmp{os.getpid()}"
-        manifest_tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(manifest_tmp, root / "manifest.json")
+        atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,6 +195,24 @@ def empty_test_message(client_ids: list[int], num_clients: int, verb: str = "hav
     shown = ", ".join(str(c) for c in client_ids[:5])
     more = f" and {len(client_ids) - 5} more" if len(client_ids) > 5 else ""
     return f"{len(client_ids)} of {num_clients} clients {verb} no test samples (clients {shown}{more})"
+
+
+def manifest_not_found(path: Path) -> FloraDataError:
+    """The error for a data root without ``manifest.json`` (``path`` is the manifest's path)."""
+    return FloraDataError(
+        f"manifest not found: {path}; run `flora prepare --config ...` "
+        "(or give data.dataset and data.partition with data.prepare: true)"
+    )
+
+
+def unknown_client(root: str | os.PathLike, client_id: int, num_clients: int) -> FloraDataError:
+    """The error for a client id that the manifest under ``root`` does not have."""
+    return FloraDataError(f"unknown client {client_id}: {root} has clients 0..{num_clients - 1}")
+
+
+def shard_missing(path: Path) -> FloraDataError:
+    """The error for a shard file that the manifest lists but the disk lacks."""
+    return FloraDataError(f"shard {path} is missing; re-run `flora prepare`")
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -248,10 +264,7 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """Read ``root/manifest.json``; a missing or unreadable manifest is a :class:`FloraDataError`."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise FloraDataError(
-            f"manifest not found: {path}; run `flora prepare --config ...` "
-            "(or give data.dataset and data.partition with data.prepare: true)"
-        )
+        raise manifest_not_found(path)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -281,7 +294,7 @@ def read_client_samples(
     """Decoded images and labels of one client's split, from its (checksum-verified) shards."""
     clients = manifest["clients"]
     if not 0 <= client_id < len(clients):
-        raise FloraDataError(f"unknown client {client_id}: {root} has clients 0..{len(clients) - 1}")
+        raise unknown_client(root, client_id, len(clients))
     return read_shards(root, clients[client_id]["shards"][split], verify)
 
 
@@ -307,7 +320,7 @@ def read_shards(
     for shard in shards:
         path = root / shard["file"]
         if not path.is_file():
-            raise FloraDataError(f"shard {path} is missing; re-run `flora prepare`")
+            raise shard_missing(path)
         if verify:
             digest = _sha256(path)
             if digest != shard["sha256"]:

@@ -1,4 +1,4 @@
-"""Source datasets: the `SourceDataset` interface and the procedural "captioned shapes" world.
+"""The procedural "captioned shapes" world: a `SourceDataset` drawn from code.
 
 `SyntheticShapes` renders small images of coloured shapes.  Each class is a (colour, shape)
 pair such as "red circle"; label = colour_index * num_shapes + shape_index.  Every image is a
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import Any
@@ -18,19 +17,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from flora.data.source import SPLITS, SourceDataset, check_index, check_split
 from flora.errors import FloraConfigError, check_range
 
 __all__ = [
     "COLORS",
     "SHAPES",
-    "SPLITS",
+    "SPLITS",  # defined in flora.data.source, importable from here too
     "STYLES",
-    "SourceDataset",
+    "SourceDataset",  # defined in flora.data.source, importable from here too
     "SyntheticShapes",
 ]
-
-#: Names of the two splits every source dataset provides.
-SPLITS: tuple[str, ...] = ("train", "test")
 
 #: Bump whenever the renderer changes its output, so stale prepared shards are detected.
 RENDER_VERSION = 2
@@ -50,48 +47,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "white": (245, 245, 245),
 }
-
-
-class SourceDataset(ABC):
-    """A labelled image dataset with a train and a test split (see `SPLITS`).
-
-    Implementations must be deterministic: the same arguments always give the same labels
-    and the same images, and `describe()` identifies the data (it is stored in manifests).
-    """
-
-    @property
-    @abstractmethod
-    def class_names(self) -> list[str]:
-        """Class names in label order."""
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    @abstractmethod
-    def labels(self, split: str) -> np.ndarray:
-        """Int64 label of every sample of `split`, in sample order."""
-
-    def domains(self, split: str) -> np.ndarray | None:
-        """Int64 domain (style) index of every sample of `split`, or None for one domain."""
-        return None
-
-    @abstractmethod
-    def size(self, split: str) -> int:
-        """Number of samples in `split`."""
-
-    @abstractmethod
-    def image(self, split: str, index: int) -> Image.Image:
-        """The RGB image of sample `index` of `split`."""
-
-    def caption(self, split: str, index: int) -> str:
-        """A short English caption of the sample."""
-        return f"a photo of a {self.class_names[int(self.labels(split)[index])]}"
-
-    @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """JSON-serialisable description (with a "class" key) identifying the data."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,11 +378,8 @@ class SyntheticShapes(SourceDataset):
         return list(self._class_names)
 
     def _per_class(self, split: str) -> int:
-        if split == "train":
-            return self.train_per_class
-        if split == "test":
-            return self.test_per_class
-        raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+        check_split(split)
+        return self.train_per_class if split == "train" else self.test_per_class
 
     def _block(self, split: str) -> int:
         """Number of samples of one style in `split`."""
@@ -464,9 +416,7 @@ class SyntheticShapes(SourceDataset):
     def _locate(self, split: str, index: int) -> tuple[str, int, int]:
         """(style, index within the style block, label) of a sample."""
         block = self._block(split)
-        index = int(index)
-        if not 0 <= index < block * len(self.styles):
-            raise IndexError(f"index {index} out of range for split {split!r} of size {self.size(split)}")
+        index = check_index(split, index, block * len(self.styles))
         d, j = divmod(index, block)
         return self.styles[d], j, j % self.num_classes
 

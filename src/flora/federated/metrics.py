@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,28 @@ def evaluate_predictions(
     )
 
 
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """The size of a state's tensors in bytes (what sending it costs)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation of ``values`` in float64 (numpy's arithmetic).
+
+    ``ddof`` as in numpy: 0 gives the population std, 1 the sample std. NaN for what is
+    undefined (no values; ``ddof`` or fewer values for the std).
+    """
+    if len(values) == 0:
+        return math.nan, math.nan
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else math.nan
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """The harmonic mean of ``values`` (accuracies); 0 when any of them is 0 or less."""
+    return 0.0 if min(values) <= 0 else len(values) / sum(1.0 / v for v in values)
+
+
 def summarise(evals: list[ClientEval], prefix: str) -> dict[str, float]:
     """Mean, std, worst 10 % and pooled accuracy plus mean macro-F1 over clients (percent).
 
@@ -49,11 +72,12 @@ def summarise(evals: list[ClientEval], prefix: str) -> dict[str, float]:
         return {}
     evals = sorted(evals, key=lambda e: e.client_id)
     acc = np.array([e.acc for e in evals], dtype=np.float64)
+    mean, std = mean_std(acc)
     k = max(1, math.ceil(0.1 * len(acc)))
     total = sum(e.num_samples for e in evals)
     return {
-        f"{prefix}_acc_mean": float(acc.mean()),
-        f"{prefix}_acc_std": float(acc.std()),
+        f"{prefix}_acc_mean": mean,
+        f"{prefix}_acc_std": std,
         f"{prefix}_acc_worst10": float(np.sort(acc)[:k].mean()),
         f"{prefix}_acc_pooled": 100.0 * sum(e.correct for e in evals) / total,
         f"{prefix}_f1_mean": float(np.mean([e.f1 for e in evals])),

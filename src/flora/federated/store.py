@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from flora.fileio import atomic_write
+
 
 def to_cpu_copy(obj: Any) -> Any:
     """Recursively copy every tensor in ``obj`` to CPU memory (never a view of the input)."""
@@ -26,18 +28,18 @@ def to_cpu_copy(obj: Any) -> Any:
 
 @dataclass
 class ClientState:
-    """A client's private state: its local tensors, its optimiser state, how often it trained."""
+    """A client's private state: its local tensors and its optimiser state."""
 
     local: dict[str, Tensor] = field(default_factory=dict)
     optim: dict[str, Any] | None = None
-    rounds_trained: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"local": self.local, "optim": self.optim, "rounds_trained": self.rounds_trained}
+        return {"local": self.local, "optim": self.optim}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClientState:
-        return cls(d.get("local", {}), d.get("optim"), int(d.get("rounds_trained", 0)))
+        # other keys (a checkpoint of an earlier version also counted the rounds trained) are ignored
+        return cls(local=d.get("local", {}), optim=d.get("optim"))
 
 
 class ClientStore:
@@ -51,9 +53,6 @@ class ClientStore:
 
     def client_ids(self) -> list[int]:
         raise NotImplementedError
-
-    def __contains__(self, client_id: int) -> bool:
-        return client_id in set(self.client_ids())
 
     def state_dict(self) -> dict[str, Any]:
         out = {}
@@ -130,16 +129,15 @@ class DiskClientStore(ClientStore):
         tensors, optim = self._paths(client_id)
         local = load_file(tensors)
         meta = torch.load(optim, map_location="cpu", weights_only=True)
-        return ClientState(local, meta["optim"], int(meta["rounds_trained"]))
+        return ClientState(local=local, optim=meta["optim"])
 
     def put(self, client_id: int, state: ClientState) -> None:
+        # the tensors file last: a client counts as stored once it is there
         tensors, optim = self._paths(client_id)
-        tmp_t = tensors.with_suffix(f".tmp{os.getpid()}")
-        tmp_o = optim.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.local.items()}, str(tmp_t))
-        torch.save({"optim": to_cpu_copy(state.optim), "rounds_trained": state.rounds_trained}, tmp_o)
-        os.replace(tmp_o, optim)
-        os.replace(tmp_t, tensors)
+        local = {k: v.detach().cpu().contiguous() for k, v in state.local.items()}
+        meta = {"optim": to_cpu_copy(state.optim)}
+        atomic_write(optim, lambda tmp: torch.save(meta, tmp))
+        atomic_write(tensors, lambda tmp: save_file(local, str(tmp)))
         self._ids.add(client_id)
 
     def client_ids(self) -> list[int]:

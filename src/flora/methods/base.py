@@ -9,9 +9,8 @@ plain ``lightning.Trainer`` on one client's DataLoader.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from enum import Enum
 from typing import Any, ClassVar, NamedTuple
 
@@ -22,7 +21,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from flora.clip import ClassPrompts, CLIPBackbone
-from flora.errors import FloraConfigError, check_range
+from flora.errors import FloraConfigError
+from flora.methods.meta import MethodMeta
+from flora.methods.options import check_option, check_template
 
 StateDict = dict[str, Tensor]
 
@@ -37,60 +38,21 @@ class Upload(NamedTuple):
     state: StateDict
 
 
-def check_option(
-    name: str,
-    value: float | int | None,
-    *,
-    integer: bool = False,
-    **bounds: Any,
-) -> None:
-    """Range-check the model option ``name`` (``FloraConfigError`` naming it ``model.<name>``).
-
-    ``bounds`` are those of :func:`flora.errors.check_range`; ``integer`` also rejects
-    non-integral values, and infinities are always rejected.
-    """
-    check_range(f"model.{name}", value, **bounds)
-    if value is None:
-        return
-    if integer and not isinstance(value, int):
-        raise FloraConfigError(f"model.{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and math.isinf(value):
-        raise FloraConfigError(f"model.{name} must be finite, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """``FloraConfigError`` naming ``model.<name>`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise FloraConfigError(f"model.{name} must be one of {allowed}, got {value!r}")
-
-
-def check_context_options(n_ctx: int, ctx_init_std: float, n_ctx_name: str = "n_ctx") -> None:
-    """The options every learned context shares: at least one token, a non-negative init std."""
-    check_option(n_ctx_name, n_ctx, low=1, integer=True)
-    check_option("ctx_init_std", ctx_init_std, low=0)
-
-
-def _format_template(template: str, name: str) -> str:
-    try:
-        return template.format(name)
-    except (IndexError, KeyError, ValueError):
-        return ""
-
-
 class Role(str, Enum):
     GLOBAL = "global"
     LOCAL = "local"
     FROZEN = "frozen"
 
 
-class FederatedPromptModule(L.LightningModule):
+class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
     """One client's prompt learner on a frozen CLIP backbone.
 
-    Subclasses set ``global_params`` / ``local_params`` (parameter-name prefixes), build
-    their learnable tensors in ``__init__``, and implement :meth:`text_features` (and, if
-    they change the image side, :meth:`image_side`). Everything else (loss, evaluation,
-    state exchange, FedAvg) has a default here.
+    A method subclasses this (or :class:`~flora.methods.CoOpModule`): ``def __init__(self,
+    *, mu: float = 0.5, **kwargs)`` checks its own options, calls ``super().__init__(**kwargs)``
+    and builds its learnable parts, named in ``global_params`` / ``local_params``; it
+    implements :meth:`text_features` (and :meth:`image_side` if it changes the image side).
+    Loss, evaluation, initialisation, state exchange and FedAvg have defaults here. The
+    task given as ``class_names`` is set once the whole constructor has run.
 
     Args:
         class_names: class names of the task in label order. May be left out and set
@@ -99,7 +61,8 @@ class FederatedPromptModule(L.LightningModule):
         clip_model: open_clip architecture or a flora-shipped config (``flora-tiny``).
         clip_pretrained: pretrained tag, checkpoint path, ``shipped`` or ``None`` (random).
         template: hand-written template of the anchor / zero-shot text features.
-        lr, momentum, weight_decay: SGD settings of the local optimiser.
+        lr, momentum, weight_decay: SGD settings of the local optimiser (a method may
+            declare another default ``lr`` in its own signature, as FLORA does).
     """
 
     global_params: ClassVar[tuple[str, ...]] = ()
@@ -111,9 +74,15 @@ class FederatedPromptModule(L.LightningModule):
     eval_finetune_epochs: int = 0
     #: the option(s) that set :attr:`n_ctx`, as the user writes them after ``model.``
     n_ctx_option: ClassVar[str] = "n_ctx"
+    #: the method's name in tables and in ``flora.methods.REGISTRY``
+    display_name: ClassVar[str] = ""
+    #: whether each client ends with a model of its own (compared with PromptFL on Local accuracy)
+    personalised: ClassVar[bool] = False
+    _n_ctx: int = 0  # a method with a learned context sets it before super().__init__ (see n_ctx)
 
     def __init__(
         self,
+        *,
         class_names: Sequence[str] | None = None,
         clip_model: str = "flora-tiny",
         clip_pretrained: str | None = "shipped",
@@ -126,10 +95,8 @@ class FederatedPromptModule(L.LightningModule):
         check_option("lr", lr, low=0, low_open=True)
         check_option("momentum", momentum, low=0, high=1, high_open=True)
         check_option("weight_decay", weight_decay, low=0)
-        if not isinstance(template, str) or "\0" not in _format_template(template, "\0"):
-            raise FloraConfigError(
-                f"model.template must contain {{}} where the class name goes, got {template!r}"
-            )
+        check_template(template)
+        self.validate_options()
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])
         self.backbone = CLIPBackbone(clip_model, clip_pretrained)
@@ -143,27 +110,34 @@ class FederatedPromptModule(L.LightningModule):
             )
         self.template = template
         self.class_names: list[str] = []
-        self.prompts: ClassPrompts | None = None
+        self.class_prompts: ClassPrompts | None = None
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         self._eval_text: Tensor | None = None
         self._global_only = False
         self._zero_shot = False
         self.val_acc: MulticlassAccuracy | None = None
-        if class_names is not None:
-            self.set_task(list(class_names))
+        self._class_names_given = None if class_names is None else list(class_names)  # MethodMeta sets it
+
+    def validate_options(self) -> None:
+        """Checks across classes' options (FLORA's rank vs n_ctx), stored before ``super().__init__``."""
+
+    @classmethod
+    def budget_options(cls, n_ctx: int, rank: int, lr: float) -> dict[str, Any]:
+        """The options that give this method ``flora bench``'s shared ``n_ctx``, ``rank`` and ``lr`` (default: ``lr``)."""
+        return {"lr": lr}
 
     # -------------------------------------------------------------- the task
     @property
     def n_ctx(self) -> int:
         """Number of learned context tokens (0 for methods without a context)."""
-        return 0
+        return self._n_ctx
 
     def set_task(self, class_names: Sequence[str]) -> None:
         """Set the classes of the task (label order); rebuilds the cached prompt tokens and ``z0``."""
         class_names = list(class_names)
         if not class_names:
             raise ValueError("a task needs at least one class name")
-        if class_names == self.class_names and self.prompts is not None:
+        if class_names == self.class_names and self.class_prompts is not None:
             return
         self.class_names = class_names
         device = self.anchor.device
@@ -171,7 +145,7 @@ class FederatedPromptModule(L.LightningModule):
             prompts = self.backbone.build_class_prompts(class_names, self.n_ctx)
         except ValueError as err:  # a class name too long for the text context
             raise FloraConfigError(str(err)) from None
-        self.prompts = prompts.to(device)
+        self.class_prompts = prompts.to(device)
         self.anchor = self.backbone.anchor_features(class_names, self.template).to(device)
         # torchmetrics needs >= 2 classes; a one-class task (e.g. a tiny novel split) scores the same
         self.val_acc = MulticlassAccuracy(num_classes=max(2, len(class_names)), average="micro").to(device)
@@ -182,7 +156,7 @@ class FederatedPromptModule(L.LightningModule):
         return len(self.class_names)
 
     def setup(self, stage: str) -> None:
-        if self.prompts is None:
+        if self.class_prompts is None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             names = getattr(dm, "class_names", None)
             if not names:
@@ -193,9 +167,9 @@ class FederatedPromptModule(L.LightningModule):
             self.set_task(names)
 
     def _require_task(self) -> ClassPrompts:
-        if self.prompts is None:
+        if self.class_prompts is None:
             raise RuntimeError(f"{type(self).__name__}.set_task(class_names) must be called first")
-        return self.prompts
+        return self.class_prompts
 
     # ------------------------------------------------------------- parameters
     def parameter_roles(self) -> dict[str, Role]:
@@ -210,16 +184,14 @@ class FederatedPromptModule(L.LightningModule):
                 raise TypeError(
                     f"{type(self).__name__}: parameter {name!r} is declared both global and local"
                 )
-            if is_global:
-                roles[name] = Role.GLOBAL
-            elif is_local:
-                roles[name] = Role.LOCAL
+            if is_global or is_local:
+                roles[name] = Role.GLOBAL if is_global else Role.LOCAL
+            elif param.requires_grad:
+                raise TypeError(
+                    f"{type(self).__name__}: trainable parameter {name!r} has no role; add it to "
+                    "global_params or local_params (or set requires_grad=False)"
+                )
             else:
-                if param.requires_grad:
-                    raise TypeError(
-                        f"{type(self).__name__}: trainable parameter {name!r} has no role; add it to "
-                        "global_params or local_params (or set requires_grad=False)"
-                    )
                 roles[name] = Role.FROZEN
         return roles
 
@@ -267,10 +239,18 @@ class FederatedPromptModule(L.LightningModule):
         self.load_role_state(state, Role.LOCAL)
 
     def reset_global_parameters(self, generator: torch.Generator) -> None:
-        """Initialise the global tensors (the server's round-0 model) from ``generator``."""
+        """Initialise the global tensors (the server's round-0 model) from ``generator``.
+
+        Default: ``reset_parameters(generator)`` of each part in ``global_params``, in that
+        order; a method whose parts have no such method overrides this.
+        """
+        for name in self.global_params:
+            self.get_submodule(name).reset_parameters(generator)
 
     def reset_local_parameters(self, generator: torch.Generator) -> None:
-        """Initialise a new client's local tensors from ``generator``."""
+        """Initialise a new client's local tensors from ``generator`` (default: as the global ones)."""
+        for name in self.local_params:
+            self.get_submodule(name).reset_parameters(generator)
 
     @property
     def has_global_model(self) -> bool:
@@ -282,38 +262,33 @@ class FederatedPromptModule(L.LightningModule):
         """True inside :meth:`global_only`: forward passes must ignore every local part."""
         return self._global_only
 
-    @contextmanager
-    def global_only(self) -> Iterator[None]:
-        """Evaluate with the global part alone (e.g. FLORA's ``sigma`` without ``B A``)."""
-        previous = self._global_only
-        self._global_only = True
-        self._eval_text = None
-        try:
-            yield
-        finally:
-            self._global_only = previous
-            self._eval_text = None
-
     @property
     def is_zero_shot(self) -> bool:
         """True inside :meth:`zero_shot`: the module evaluates as zero-shot CLIP."""
         return self._zero_shot
 
-    @contextmanager
-    def zero_shot(self) -> Iterator[None]:
+    def global_only(self) -> AbstractContextManager[None]:
+        """Evaluate with the global part alone (e.g. FLORA's ``sigma`` without ``B A``)."""
+        return self._evaluating_as("_global_only")
+
+    def zero_shot(self) -> AbstractContextManager[None]:
         """Evaluate as zero-shot CLIP: the anchor template's text features, the plain image feature."""
-        previous = self._zero_shot
-        self._zero_shot = True
+        return self._evaluating_as("_zero_shot")
+
+    @contextmanager
+    def _evaluating_as(self, flag: str) -> Iterator[None]:
+        previous = getattr(self, flag)
+        setattr(self, flag, True)
         self._eval_text = None
         try:
             yield
         finally:
-            self._zero_shot = previous
+            setattr(self, flag, previous)
             self._eval_text = None
 
     # ---------------------------------------------------------- server side
-    def aggregate(self, uploads: Sequence[tuple[int, int, StateDict]], current: StateDict) -> StateDict:
-        """Server update: sample-weighted FedAvg of ``(client_id, num_samples, state)`` uploads.
+    def aggregate(self, uploads: Sequence[Upload], current: StateDict) -> StateDict:
+        """Server update: sample-weighted FedAvg of the clients' :class:`Upload` records.
 
         Uploads are summed in client-id order, so the result does not depend on which
         device trained which client.
@@ -383,6 +358,19 @@ class FederatedPromptModule(L.LightningModule):
     def logits_from(self, img: Tensor, text: Tensor) -> Tensor:
         return self.backbone.logit_scale * img @ text.to(img.dtype).t()
 
+    def cached_for_eval(self, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` (the class-side features of a forward), computed once per evaluation.
+
+        While training or with gradients on it is called every time. Otherwise its first
+        result is kept until the weights, the task, the train/eval mode, the device or
+        dtype, or the evaluation mode (:meth:`global_only`, :meth:`zero_shot`) change.
+        """
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if self._eval_text is None:
+            self._eval_text = compute().detach()
+        return self._eval_text
+
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``(B, n_cls)`` for images or cached features."""
         if self._zero_shot:
@@ -390,13 +378,7 @@ class FederatedPromptModule(L.LightningModule):
                 FederatedPromptModule.image_side(self, self.image_features(x)), self.anchor
             )
         img = self.image_side(self.image_features(x))
-        if self.training or torch.is_grad_enabled():
-            text = self.text_features()
-        else:
-            if self._eval_text is None:
-                self._eval_text = self.text_features().detach()
-            text = self._eval_text
-        return self.logits_from(img, text)
+        return self.logits_from(img, self.cached_for_eval(self.text_features))
 
     def train(self, mode: bool = True) -> FederatedPromptModule:
         self._eval_text = None
@@ -460,5 +442,5 @@ class FederatedPromptModule(L.LightningModule):
             self.set_task(names)
         sd = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():
-            if key.startswith("backbone.") and key not in sd:
-                sd[key] = value
+            if key.startswith("backbone."):
+                sd.setdefault(key, value)

@@ -2,68 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flora.methods.base import FederatedPromptModule, check_context_options, check_option
+from flora.methods.coop import CoOpModule
+from flora.methods.options import check_option
 from flora.prompts import PromptContext, unbalanced_sinkhorn
 
 
-class FedOTP(FederatedPromptModule):
+class FedOTP(CoOpModule):
     """FedOTP: ``ctx[0]`` global (FedAvg'd) and ``ctx[1]`` local, both ``n_ctx x d_t``.
 
     For an image with normalised patch features ``F`` (``M x d``) and class ``c``,
     ``S_mn = F_m . g(ctx_n, c)``; the plan ``T`` of the unbalanced entropic OT with cost
     ``1 - S``, patch marginal ``<= 1/M`` and prompt marginal ``gamma / 2`` is computed
     without gradient, and the logit is ``s * sum_mn T_mn S_mn``; CE trains both prompts.
-    The global part alone uses ``ctx[0]`` with the same per-prompt mass.
+    The global part alone uses ``ctx[0]`` with the same per-prompt mass. ``ctx[0]`` is
+    ``prompt``, ``ctx[1]`` is ``personal``; :meth:`text_features` is the global prompt's.
     """
 
+    display_name = "FedOTP"
+    personalised = True
     global_params = ("prompt",)
     local_params = ("personal",)
     feature_kind = "patch"
 
     def __init__(
         self,
-        class_names: Sequence[str] | None = None,
-        n_ctx: int = 16,
+        *,
         gamma: float = 0.8,
         eps: float = 0.1,
         ot_max_iter: int = 100,
         ot_tol: float = 1e-3,
-        ctx_init_std: float = 0.02,
-        clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = "shipped",
-        template: str = "a photo of a {}.",
-        lr: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        **kwargs: Any,
     ) -> None:
-        check_context_options(n_ctx, ctx_init_std)
         check_option("gamma", gamma, low=0, low_open=True, high=1)
         check_option("eps", eps, low=0, low_open=True)
         check_option("ot_max_iter", ot_max_iter, low=1, integer=True)
         check_option("ot_tol", ot_tol, low=0)
-        self._n_ctx = n_ctx
-        super().__init__(None, clip_model, clip_pretrained, template, lr, momentum, weight_decay)
+        super().__init__(**kwargs)
         self.gamma, self.eps, self.ot_max_iter, self.ot_tol = gamma, eps, ot_max_iter, ot_tol
-        self.prompt = PromptContext(n_ctx, self.backbone.token_width, ctx_init_std)
-        self.personal = PromptContext(n_ctx, self.backbone.token_width, ctx_init_std)
-        if class_names is not None:
-            self.set_task(list(class_names))
-
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    def reset_global_parameters(self, generator: torch.Generator) -> None:
-        self.prompt.reset_parameters(generator)
-
-    def reset_local_parameters(self, generator: torch.Generator) -> None:
-        self.personal.reset_parameters(generator)
+        self.personal = PromptContext(self.n_ctx, self.backbone.token_width, self.prompt.init_std)
 
     def prompt_features(self) -> Tensor:
         """``(N, n_cls, d)`` class features of the prompts in use (N = 2, or 1 for the global part alone)."""
@@ -72,10 +54,6 @@ class FedOTP(FederatedPromptModule):
         else:
             ctx = torch.stack([self.prompt.ctx, self.personal.ctx])
         return self.backbone.encode_prompted(ctx, self._require_task())
-
-    def text_features(self) -> Tensor:
-        """The global prompt's class features (the OT logits need :meth:`prompt_features`)."""
-        return self.backbone.encode_prompted(self.prompt.ctx, self._require_task())
 
     def ot_logits(self, feats: Tensor, text: Tensor) -> Tensor:
         """``s * sum_mn T_mn S_mn`` for patch features ``(B, 1 + M, d)`` and prompt features ``(N, C, d)``."""
@@ -93,13 +71,6 @@ class FedOTP(FederatedPromptModule):
         return self.backbone.logit_scale * (plan * sim).sum(dim=(-1, -2))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._zero_shot:
+        if self.is_zero_shot:
             return super().forward(x)
-        feats = self.image_features(x)
-        if torch.is_grad_enabled():
-            text = self.prompt_features()
-        else:
-            if self._eval_text is None:
-                self._eval_text = self.prompt_features().detach()
-            text = self._eval_text
-        return self.ot_logits(feats, text)
+        return self.ot_logits(self.image_features(x), self.cached_for_eval(self.prompt_features))

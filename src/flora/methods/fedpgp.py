@@ -1,24 +1,17 @@
-"""FedPGP and FLORA: a global prompt plus a per-client low-rank term.
-
-Both learn ``sigma`` (global, FedAvg'd) and a local low-rank term ``B A`` and train the
-personalised context ``sigma + B A`` with cross-entropy plus a contrastive
-generalisation term over the anchor features ``z0``. FLORA adds an orthonormal
-initialisation and an orthogonality penalty on ``B``, an L2 penalty on both factors,
-a CLIP-anchored negative pair and an attention-style image adapter.
-"""
+"""FedPGP: a global prompt plus a per-client low-rank term, with a contrastive generalisation loss."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flora.errors import FloraConfigError
-from flora.methods.base import check_choice, check_context_options, check_option
-from flora.methods.promptfl import CoOpModule
-from flora.prompts import FeatureGate, LowRankTerm, orthogonality_penalty, pair_contrastive, rowwise_cos
+from flora.methods.coop import CoOpModule
+from flora.methods.options import check_option
+from flora.prompts import LowRankTerm, pair_contrastive, rowwise_cos
 
 
 class FedPGP(CoOpModule):
@@ -26,54 +19,36 @@ class FedPGP(CoOpModule):
 
     Loss ``CE(s f . zP) + mu * mean_c CE([cos(z0, zG), cos(zG, zP)] / tau, 0)`` with
     ``zP = g(sigma + UV)``, ``zG = g(sigma)``, ``z0`` the cached anchor. In the module,
-    ``U`` is ``lowrank.B`` and ``V`` is ``lowrank.A``.
+    ``sigma`` is ``prompt``, ``U`` is ``lowrank.B`` and ``V`` is ``lowrank.A``.
     """
 
+    display_name = "FedPGP"
+    personalised = True
     global_params: tuple[str, ...] = ("prompt",)
     local_params: tuple[str, ...] = ("lowrank",)
+    #: whether ``B`` starts with orthonormal columns (FLORA) instead of N(0, ctx_init_std)
     orthonormal_init = False
 
-    def __init__(
-        self,
-        class_names: Sequence[str] | None = None,
-        n_ctx: int = 16,
-        rank: int = 8,
-        mu: float = 1.0,
-        tau: float = 0.5,
-        ctx_init_std: float = 0.02,
-        clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = "shipped",
-        template: str = "a photo of a {}.",
-        lr: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-    ) -> None:
-        check_context_options(n_ctx, ctx_init_std)
+    def __init__(self, *, rank: int = 8, mu: float = 1.0, tau: float = 0.5, **kwargs: Any) -> None:
         check_option("rank", rank, low=1, integer=True)
-        if self.orthonormal_init and isinstance(n_ctx, int) and rank > n_ctx:
-            raise FloraConfigError(
-                f"model.rank must be <= model.n_ctx ({n_ctx}) so that B ({n_ctx} x rank) can have "
-                f"orthonormal columns, got {rank}"
-            )
         check_option("mu", mu, low=0)
         check_option("tau", tau, low=0, low_open=True)
-        super().__init__(
-            None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
-        )
-        self.mu = mu
-        self.tau = tau
+        self.rank, self.mu, self.tau = rank, mu, tau
+        super().__init__(**kwargs)
         self.lowrank = LowRankTerm(
-            n_ctx, self.backbone.token_width, rank, ctx_init_std, self.orthonormal_init
+            self.n_ctx, self.backbone.token_width, rank, self.prompt.init_std, self.orthonormal_init
         )
-        if class_names is not None:
-            self.set_task(list(class_names))
 
-    # ------------------------------------------------------------ parameters
-    def reset_global_parameters(self, generator: torch.Generator) -> None:
-        self.prompt.reset_parameters(generator)
+    def validate_options(self) -> None:
+        if self.orthonormal_init and self.rank > self.n_ctx:
+            raise FloraConfigError(
+                f"model.rank must be <= model.n_ctx ({self.n_ctx}) so that B ({self.n_ctx} x rank) can have "
+                f"orthonormal columns, got {self.rank}"
+            )
 
-    def reset_local_parameters(self, generator: torch.Generator) -> None:
-        self.lowrank.reset_parameters(generator)
+    @classmethod
+    def budget_options(cls, n_ctx: int, rank: int, lr: float) -> dict[str, Any]:
+        return {**super().budget_options(n_ctx, rank, lr), "rank": rank}
 
     # --------------------------------------------------------------- forward
     def personal_context(self) -> Tensor:
@@ -114,88 +89,3 @@ class FedPGP(CoOpModule):
         parts.update(self.regularisers())
         loss = torch.stack([v.float() for v in parts.values()]).sum()
         return loss, {k: v.detach() for k, v in parts.items()}
-
-
-class FLORA(FedPGP):
-    """FLORA: global prompt ``sigma`` + orthogonal low-rank ``B A`` + an image adapter.
-
-    Loss ``CE + mu * Lcon + l2_weight * (||A||_F + ||B||_F) + ortho_weight * ||B^T B - I_r||_F``
-    with ``Lcon = mean_c CE([cos(z0, zG), cos(z0, zP)] / tau, 0)``. The adapter gates the
-    image feature, ``f* = normalise(adapter(f) * f)``; ``adapter`` is ``global``
-    (uploaded and FedAvg'd), ``local`` (kept per client) or ``none``.
-    """
-
-    orthonormal_init = True
-
-    def __init__(
-        self,
-        class_names: Sequence[str] | None = None,
-        n_ctx: int = 16,
-        rank: int = 8,
-        mu: float = 1.0,
-        tau: float = 0.5,
-        l2_weight: float = 0.01,
-        ortho_weight: float = 0.1,
-        adapter: str = "global",
-        ctx_init_std: float = 0.02,
-        clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = "shipped",
-        template: str = "a photo of a {}.",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-    ) -> None:
-        check_choice("adapter", adapter, ("global", "local", "none"))
-        check_option("l2_weight", l2_weight, low=0)
-        check_option("ortho_weight", ortho_weight, low=0)
-        super().__init__(
-            None,
-            n_ctx,
-            rank,
-            mu,
-            tau,
-            ctx_init_std,
-            clip_model,
-            clip_pretrained,
-            template,
-            lr,
-            momentum,
-            weight_decay,
-        )
-        self.adapter_mode = adapter
-        self.l2_weight = l2_weight
-        self.ortho_weight = ortho_weight
-        self.adapter = FeatureGate(self.backbone.embed_dim) if adapter != "none" else None
-        self.global_params = ("prompt", "adapter") if adapter == "global" else ("prompt",)
-        self.local_params = ("lowrank", "adapter") if adapter == "local" else ("lowrank",)
-        if class_names is not None:
-            self.set_task(list(class_names))
-
-    def reset_global_parameters(self, generator: torch.Generator) -> None:
-        self.prompt.reset_parameters(generator)
-        if self.adapter is not None and self.adapter_mode == "global":
-            self.adapter.reset_parameters(generator)
-
-    def reset_local_parameters(self, generator: torch.Generator) -> None:
-        self.lowrank.reset_parameters(generator)
-        if self.adapter is not None and self.adapter_mode == "local":
-            self.adapter.reset_parameters(generator)
-
-    def image_side(self, feats: Tensor) -> Tensor:
-        if feats.dim() == 3:
-            feats = feats[:, 0]
-        use_adapter = self.adapter is not None and not (self.is_global_only and self.adapter_mode == "local")
-        if not use_adapter:
-            return F.normalize(feats.float(), dim=-1)
-        return self.adapter(feats.to(self.adapter.fc1.weight.dtype))
-
-    def negative_similarity(self, z_global: Tensor, z_personal: Tensor) -> Tensor:
-        """FLORA anchors the negative pair on CLIP: ``cos(z0, zP)``."""
-        return rowwise_cos(self.anchor.to(z_personal.dtype), z_personal)
-
-    def regularisers(self) -> dict[str, Tensor]:
-        B, A = self.lowrank.B, self.lowrank.A
-        return {
-            "l2": self.l2_weight * (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)),
-            "ortho": self.ortho_weight * orthogonality_penalty(B),
-        }

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flora.errors import FloraConfigError
-from flora.methods.base import StateDict, check_option
-from flora.methods.promptfl import CoOpModule
+from flora.methods.base import StateDict
+from flora.methods.coop import CoOpModule
+from flora.methods.last_uploads import KeepsLastUploads
+from flora.methods.options import check_option
+from flora.prompts import reset_linear
 
 EXPERT_PREFIX = "expert."
 
@@ -35,15 +38,8 @@ class ExpertGate(nn.Module):
         self.v = nn.Linear(width, width)
         self.out = nn.Linear(width, width)
 
-    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        for layer in (self.q, self.k, self.v, self.out):
-            bound = 1.0 / layer.in_features**0.5
-            # drawn on the CPU, where the trainer's generators live, then copied to the layer's device
-            w = torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator)
-            b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
-            layer.weight.copy_(w.to(layer.weight.device))
-            layer.bias.copy_(b.to(layer.bias.device))
+        reset_linear((self.q, self.k, self.v, self.out), generator)
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
         """``query (B, w)``, ``keys = values (C, E, w)`` -> the per-class mixture ``(B, C, w)``."""
@@ -56,40 +52,37 @@ class ExpertGate(nn.Module):
         return self.out(mixed.reshape(query.shape[0], keys.shape[0], self.width))
 
 
-class PFedMoAP(CoOpModule):
+class PFedMoAP(KeepsLastUploads, CoOpModule):
     """pFedMoAP: logits ``l_M + lambda * l_L``.
 
     The prompt ``P`` is downloaded as the FedAvg prompt ``P_g`` each round, trained locally
-    and uploaded; the server keeps every client's last upload (the pool). Client ``i``
-    also downloads its ``num_experts`` nearest pool prompts (L2 distance to its own last
-    upload, itself excluded) as frozen experts, whose class features ``T_j = pool(g(P_j, c))``
-    are computed once without gradient. ``l_L = s f . g(P, c)``; for each class the gate
-    (local, never uploaded) attends from ``pool(f)`` over ``[pool(g(P, c)); T_1c; ...]``
-    with score scale 10, and ``l_M = s * cos(pool(f), T_MoE[c])``. Clients with no experts
-    yet (first participation) train plain CoOp from ``P_g``. The global part alone is
-    ``P_g`` without experts or gate.
+    and uploaded; the server keeps every client's last upload (the :attr:`pool`). Client
+    ``i`` also downloads its ``num_experts`` nearest pool prompts (L2 distance to its own
+    last upload, itself excluded) as frozen experts, whose class features
+    ``T_j = pool(g(P_j, c))`` are computed once without gradient. ``l_L = s f . g(P, c)``;
+    for each class the gate (local, never uploaded) attends from ``pool(f)`` over
+    ``[pool(g(P, c)); T_1c; ...]`` with score scale 10, and
+    ``l_M = s * cos(pool(f), T_MoE[c])``. Clients with no experts yet (first
+    participation) train plain CoOp from ``P_g``. The global part alone is ``P_g``
+    without experts or gate.
     """
 
+    display_name = "pFedMoAP"
+    personalised = True
     global_params = ("prompt",)
     local_params = ("gate",)
+    last_uploads_key = "pool"
 
     def __init__(
         self,
-        class_names: Sequence[str] | None = None,
-        n_ctx: int = 16,
+        *,
         num_experts: int = 9,
         gate_width: int = 128,
         gate_heads: int = 8,
         gate_scale: float = 10.0,
         lam: float = 0.5,
         gate_lr: float = 0.01,
-        ctx_init_std: float = 0.02,
-        clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = "shipped",
-        template: str = "a photo of a {}.",
-        lr: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        **kwargs: Any,
     ) -> None:
         check_option("num_experts", num_experts, low=1, integer=True)
         check_option("gate_width", gate_width, low=1, integer=True)
@@ -101,36 +94,25 @@ class PFedMoAP(CoOpModule):
         check_option("gate_scale", gate_scale, low=0, low_open=True)
         check_option("lam", lam, low=0)
         check_option("gate_lr", gate_lr, low=0, low_open=True)
-        super().__init__(
-            None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
-        )
+        super().__init__(**kwargs)
         self.num_experts, self.lam, self.gate_lr = num_experts, lam, gate_lr
         self.gate = ExpertGate(gate_width, gate_heads, gate_scale)
-        self.pool: dict[int, StateDict] = {}
         # non-persistent buffers, so that they follow the module's device and dtype
         self.expert_prompts: Tensor | None
         self._expert_text: Tensor | None
         self.register_buffer("expert_prompts", None, persistent=False)
         self.register_buffer("_expert_text", None, persistent=False)
-        if class_names is not None:
-            self.set_task(list(class_names))
+
+    @property
+    def pool(self) -> dict[int, StateDict]:
+        """Every client's last uploaded prompt (client id -> state)."""
+        return self.last_uploads
 
     def set_task(self, class_names: Sequence[str]) -> None:
         super().set_task(class_names)
         self._expert_text = None
 
-    def reset_global_parameters(self, generator: torch.Generator) -> None:
-        self.prompt.reset_parameters(generator)
-
-    def reset_local_parameters(self, generator: torch.Generator) -> None:
-        self.gate.reset_parameters(generator)
-
     # ------------------------------------------------------------------ server
-    def aggregate(self, uploads: Sequence[tuple[int, int, StateDict]], current: StateDict) -> StateDict:
-        for cid, _, state in uploads:
-            self.pool[int(cid)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        return super().aggregate(uploads, current)
-
     def experts_of(self, client_id: int) -> list[int]:
         """The pool clients nearest to ``client_id``'s last upload (none before it first uploads)."""
         own = self.pool.get(client_id)
@@ -154,12 +136,6 @@ class PFedMoAP(CoOpModule):
         self.expert_prompts = torch.stack([state[k] for k in experts]).to(device) if experts else None
         self._expert_text = None
 
-    def server_state_dict(self) -> dict[str, Any]:
-        return {"pool": {str(c): s for c, s in self.pool.items()}}
-
-    def load_server_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool = {int(c): dict(s) for c, s in state.get("pool", {}).items()}
-
     # ----------------------------------------------------------------- forward
     def expert_text(self) -> Tensor | None:
         """``(E, n_cls, d_g)`` pooled class features of the experts, computed once per download and task."""
@@ -172,15 +148,10 @@ class PFedMoAP(CoOpModule):
         return self._expert_text
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._zero_shot:
+        if self.is_zero_shot:
             return super().forward(x)
         f = self.image_side(self.image_features(x))
-        if torch.is_grad_enabled():
-            text = self.text_features()
-        else:
-            if self._eval_text is None:
-                self._eval_text = self.text_features().detach()
-            text = self._eval_text
+        text = self.cached_for_eval(self.text_features)
         local = self.logits_from(f, text)
         experts = None if self.is_global_only else self.expert_text()
         if experts is None:

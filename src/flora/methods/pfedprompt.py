@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flora.methods.base import StateDict, check_choice, check_option
-from flora.methods.promptfl import CoOpModule
+from flora.methods.base import StateDict
+from flora.methods.coop import CoOpModule
+from flora.methods.options import check_choice, check_option
 
 
 class ClassMemory(nn.Module):
@@ -35,6 +37,10 @@ class ClassMemory(nn.Module):
     def clear(self) -> None:
         self.keys.zero_()
         self.present.zero_()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A new client's memory is empty (nothing is drawn from ``generator``)."""
+        self.clear()
 
 
 class PFedPrompt(CoOpModule):
@@ -63,44 +69,30 @@ class PFedPrompt(CoOpModule):
     - for the global part alone (:meth:`global_only`) and zero-shot evaluation.
     """
 
+    display_name = "pFedPrompt"
+    personalised = True
     global_params = ("prompt",)
     local_params = ("memory",)
 
     def __init__(
-        self,
-        class_names: Sequence[str] | None = None,
-        n_ctx: int = 16,
-        alpha: float = 1.0,
-        beta: float = 5.5,
-        lfa_features: str = "patch",
-        ctx_init_std: float = 0.02,
-        clip_model: str = "flora-tiny",
-        clip_pretrained: str | None = "shipped",
-        template: str = "a photo of a {}.",
-        lr: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        self, *, alpha: float = 1.0, beta: float = 5.5, lfa_features: str = "patch", **kwargs: Any
     ) -> None:
         check_choice("lfa_features", lfa_features, ("patch", "global"))
         check_option("alpha", alpha, low=0)
         check_option("beta", beta, low=0)
         self.feature_kind = lfa_features
+        super().__init__(**kwargs)
+        self.alpha = alpha
+        self.beta = beta
+        self.memory = ClassMemory()
         #: the classes (label order) the memory's rows stand for
         self.memory_classes: list[str] = []
         # True once a memory was built or loaded: from then on a new task no longer re-sizes it
         self._memory_fixed = False
-        super().__init__(
-            None, n_ctx, ctx_init_std, clip_model, clip_pretrained, template, lr, momentum, weight_decay
-        )
-        self.alpha = alpha
-        self.beta = beta
-        self.memory = ClassMemory()
-        if class_names is not None:
-            self.set_task(list(class_names))
 
     def set_task(self, class_names: Sequence[str]) -> None:
         super().set_task(class_names)
-        if getattr(self, "memory", None) is not None and not self._memory_fixed:
+        if not self._memory_fixed:
             self._size_memory_for_task()
 
     def _size_memory_for_task(self) -> None:
@@ -111,12 +103,6 @@ class PFedPrompt(CoOpModule):
         else:
             self.memory.clear()
         self.memory_classes = list(self.class_names)
-
-    def reset_global_parameters(self, generator: torch.Generator) -> None:
-        self.prompt.reset_parameters(generator)
-
-    def reset_local_parameters(self, generator: torch.Generator) -> None:
-        self.memory.clear()
 
     def load_local_state(self, state: StateDict) -> None:
         super().load_local_state(state)
@@ -175,7 +161,7 @@ class PFedPrompt(CoOpModule):
     def forward(self, x: Tensor) -> Tensor:
         feats = self.image_features(x)
         logits = super().forward(feats)
-        if self._zero_shot or self.is_global_only:
+        if self.is_zero_shot or self.is_global_only:
             return logits
         lfa = self.lfa_logits(feats)
         return logits if lfa is None else logits + self.alpha * lfa.to(logits.dtype)

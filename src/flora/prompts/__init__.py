@@ -1,17 +1,19 @@
 """Small learnable parts shared by the methods; no federated knowledge lives here."""
 
-from flora.prompts.adapter import FeatureGate
+from flora.prompts.adapter import ImageAdapter
 from flora.prompts.context import PromptContext
+from flora.prompts.linear import reset_linear
 from flora.prompts.losses import pair_contrastive, rowwise_cos
 from flora.prompts.lowrank import LowRankTerm, orthogonality_penalty
 from flora.prompts.transport import unbalanced_sinkhorn
 
 __all__ = [
-    "FeatureGate",
+    "ImageAdapter",
     "LowRankTerm",
     "PromptContext",
     "orthogonality_penalty",
     "pair_contrastive",
+    "reset_linear",
     "rowwise_cos",
     "unbalanced_sinkhorn",
 ]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flora.prompts.linear import reset_linear, scaled_rand_draw
 
-class FeatureGate(nn.Module):
+
+class ImageAdapter(nn.Module):
     """``a = softmax(W2 relu(W1 f + b1) + b2)`` over the ``d`` features; output ``normalise(a * f)``."""
 
     def __init__(self, dim: int) -> None:
@@ -17,15 +17,9 @@ class FeatureGate(nn.Module):
         self.fc1 = nn.Linear(dim, dim)
         self.fc2 = nn.Linear(dim, dim)
 
-    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch's default Linear initialisation, drawn from ``generator``."""
-        for layer in (self.fc1, self.fc2):
-            bound = 1.0 / math.sqrt(layer.in_features)
-            w = torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound
-            b = torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound
-            layer.weight.copy_(w.to(layer.weight.device))
-            layer.bias.copy_(b.to(layer.bias.device))
+        reset_linear((self.fc1, self.fc2), generator, scaled_rand_draw)
 
     def gate(self, f: Tensor) -> Tensor:
         return torch.softmax(self.fc2(F.relu(self.fc1(f))), dim=-1)

@@ -1,0 +1,41 @@
+"""``flora bench accuracy | ablation | speed``: the tables of docs/results.md, docs/ablation.md and docs/performance.md.
+
+Everything runs offline on the synthetic captioned-shapes world with the shipped tiny
+CLIP. Each run is an ordinary :class:`~flora.federated.FederatedTrainer` fit; the
+tables are whatever the runs give. ``flora bench probe`` lives in :mod:`flora.probe`.
+
+* :mod:`flora.bench.common`: the settings, :class:`BenchConfig`, :func:`make_method`
+  (every method under one budget), one fit, the report files;
+* :mod:`flora.bench.accuracy`, :mod:`flora.bench.ablation`, :mod:`flora.bench.speed`:
+  one command each, with its markdown.
+"""
+
+from flora.bench.ablation import ABLATIONS, REFERENCE, run_ablation
+from flora.bench.accuracy import run_accuracy
+from flora.bench.common import (
+    METHODS,
+    PERSONALISED,
+    SETTINGS,
+    BenchConfig,
+    machine,
+    make_datamodule,
+    make_method,
+    weights_digest,
+)
+from flora.bench.speed import run_speed
+
+__all__ = [
+    "ABLATIONS",
+    "METHODS",
+    "PERSONALISED",
+    "REFERENCE",
+    "SETTINGS",
+    "BenchConfig",
+    "machine",
+    "make_datamodule",
+    "make_method",
+    "run_ablation",
+    "run_accuracy",
+    "run_speed",
+    "weights_digest",
+]

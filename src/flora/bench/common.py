@@ -1,0 +1,203 @@
+"""What every benchmark shares: the settings, the methods under one budget, one federated fit, the report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora.data import Dirichlet, Domains, FederatedDataModule, SyntheticShapes
+from flora.data.partition import Partitioner
+from flora.data.synthetic import STYLES
+from flora.federated import FederatedTrainer
+from flora.fileio import atomic_write_text
+from flora.methods import REGISTRY, FederatedPromptModule
+
+#: every method, in the order of the tables
+METHODS = tuple(REGISTRY)
+#: methods with a per-client model (compared with PromptFL on Local accuracy)
+PERSONALISED = tuple(name for name, cls in REGISTRY.items() if cls.personalised)
+SETTINGS = {
+    "label": "label skew: Dirichlet(0.1) over 10 clients, photo style only",
+    "feature": "feature shift: one style per client (5 clients: photo, sketch, cartoon, noisy, dark)",
+    "both": "feature + label shift: 2 clients per style, Dirichlet(0.1) within each style (10 clients)",
+}
+
+
+@dataclass
+class BenchConfig:
+    """Shared settings of every benchmark run (the same for all methods: nothing is tuned per method)."""
+
+    rounds: int = 16
+    local_epochs: int = 3
+    eval_every: int = 2
+    n_ctx: int = 8
+    rank: int = 4
+    lr: float = 0.001
+    batch_size: int = 32
+    num_colors: int = 10
+    num_shapes: int = 10
+    train_per_class: int = 20  # label skew: training images per class (photo style only)
+    train_per_class_style: int = 4  # feature shift / both: training images per class and style
+    clip_pretrained: str | None = "shipped"
+
+
+def _world(setting: str, cfg: BenchConfig) -> tuple[SyntheticShapes, type[Partitioner], dict[str, Any]]:
+    if setting == "label":
+        ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, cfg.train_per_class, 10, 32, ["photo"], seed=0)
+        return ds, Dirichlet, {"num_clients": 10, "alpha": 0.1, "min_size": 10}
+    styles = list(STYLES)
+    ds = SyntheticShapes(cfg.num_colors, cfg.num_shapes, cfg.train_per_class_style, 4, 32, styles, seed=0)
+    if setting == "feature":
+        return ds, Domains, {"clients_per_domain": 1}
+    if setting == "both":
+        return ds, Domains, {"clients_per_domain": 2, "alpha": 0.1, "min_size": 10}
+    raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
+
+
+def make_datamodule(setting: str, seed: int, cfg: BenchConfig, root: Path) -> FederatedDataModule:
+    ds, part_cls, kwargs = _world(setting, cfg)
+    partition = part_cls(seed=seed, **kwargs)
+    # the folder name carries a digest of the world, so a changed world (other sizes, or a
+    # new renderer version) gets fresh shards instead of clashing with old ones
+    world = json.dumps(
+        {"dataset": ds.describe(), "partition": partition.describe()}, sort_keys=True, default=str
+    )
+    digest = hashlib.sha256(world.encode()).hexdigest()[:10]
+    return FederatedDataModule(
+        str(root / "data" / f"{setting}-s{seed}-{digest}"),
+        ds,
+        partition,
+        batch_size=cfg.batch_size,
+        feature_cache="disk",
+        base_novel=True,
+    )
+
+
+def make_method(name: str, cfg: BenchConfig, **overrides: Any) -> FederatedPromptModule:
+    """The benchmark's instance of method ``name``; ``overrides`` change its constructor arguments.
+
+    Every method gets the same budget, mapped to its options by its
+    :meth:`~flora.methods.FederatedPromptModule.budget_options`.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    cls = REGISTRY[name]
+    options = {"clip_model": "flora-tiny", "clip_pretrained": cfg.clip_pretrained}
+    options.update(cls.budget_options(cfg.n_ctx, cfg.rank, cfg.lr))
+    return cls(**{**options, **overrides})
+
+
+def weights_digest(clip_pretrained: str | None) -> str:
+    """sha256 prefix of the weights a benchmark ran with (``random init`` without weights)."""
+    from flora.clip.backbone import _shipped_weights
+
+    if clip_pretrained is None:
+        return "random init"
+    path = _shipped_weights("flora-tiny") if clip_pretrained == "shipped" else Path(clip_pretrained)
+    if path is None or not path.is_file():
+        return str(clip_pretrained)
+    return "sha256 " + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def fit_one(
+    setting: str, seed: int, label: str, module: FederatedPromptModule, cfg: BenchConfig, work: Path
+) -> dict[str, Any]:
+    """One federated fit of ``module`` on ``setting`` with ``seed``; returns the record the tables read."""
+    t0 = time.perf_counter()
+    dm = make_datamodule(setting, seed, cfg, work)
+    name = f"{setting}-{label.replace(' ', '_')}-s{seed}"
+    trainer = FederatedTrainer(
+        rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs,
+        eval_every=cfg.eval_every,
+        seed=seed,
+        output_dir=str(work / "runs"),
+        name=name,
+        overwrite=True,  # a benchmark regenerates its runs
+        progress=False,
+        loggers=[],
+    )
+    summary = trainer.fit(module, dm)
+    history = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "setting": setting,
+        "seed": seed,
+        "method": label,
+        "final": summary["final"],
+        "curve": [(r["round"], r["local_acc_mean"]) for r in history if "local_acc_mean" in r],
+        "clients": history[-1].get("local_acc_clients", []),
+        "seconds": time.perf_counter() - t0,
+        "data": str(dm.root),
+    }
+
+
+def write_report(out_dir: str, stem: str, result: dict[str, Any], render: Any) -> Path:
+    """Write ``{stem}.json`` and ``{stem}.md`` (``render(result)``) into ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(out / f"{stem}.md", render(result))
+    return out
+
+
+def print_run(console: Any, run: dict[str, Any], done: int, total: int) -> None:
+    f = run["final"]
+    console.print(
+        f"[{done}/{total}] {run['setting']:8s} seed {run['seed']} {run['method']:13s} "
+        f"local {f['local_acc_mean']:6.2f} base {f['base_acc_mean']:6.2f} novel {f['novel_acc_mean']:6.2f} "
+        f"HM {f['hm']:6.2f} ({run['seconds']:.0f} s)",
+        soft_wrap=True,
+    )
+
+
+#: the columns of every accuracy table: Local, Base, Novel, Novel-G, HM
+TABLE_KEYS = ("local_acc_mean", "base_acc_mean", "novel_acc_mean", "novel_global_acc_mean", "hm")
+
+
+def cell(mean: float, std: float) -> str:
+    """A table cell ``mean ± std`` (``-`` for a metric the method does not report)."""
+    return "-" if mean != mean else f"{mean:.1f} ± {std:.1f}"
+
+
+def table(
+    result: dict[str, Any], setting: str
+) -> tuple[list[str], dict[str, dict[str, tuple[float, float]]]]:
+    """The methods (or variants) run in ``setting``, in run order, and their seed mean ± std per column."""
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    methods = []
+    for run in result["runs"]:
+        if run["setting"] != setting:
+            continue
+        if run["method"] not in methods:
+            methods.append(run["method"])
+    for m in methods:
+        finals = [r["final"] for r in result["runs"] if r["setting"] == setting and r["method"] == m]
+        rows[m] = {k: mean_std([f[k] for f in finals if k in f]) for k in TABLE_KEYS}
+    return methods, rows

@@ -1,0 +1,90 @@
+"""The evaluation protocol: every client, sharded over the ranks, with the numbers each setting reports.
+
+For each client ``c`` (the ranks split the clients, the results are gathered):
+
+* **Local**: ``c``'s evaluation model (:meth:`~flora.methods.base.FederatedPromptModule.evaluation_state`
+  plus its local state, fine-tuned on its training split first when the method has
+  ``eval_finetune_epochs``) on ``c``'s own test split;
+* **Global** (methods with a global model): the global part alone
+  (:meth:`~flora.methods.base.FederatedPromptModule.global_only`, never fine-tuned) on the
+  same split, reported pooled over all clients;
+* under the base/novel setting also **Base** (the Local model on the shared test set of the
+  base classes), **Novel** (the Local model, with the novel class names as its task, on the
+  shared novel test set), **Novel-G** (the global part alone on the novel test set) and
+  **HM**, the harmonic mean of the Local, Base and Novel mean accuracies.
+
+With evaluation fine-tuning the tuned copy is made once per client (on the base task, whose
+labels the training split uses) and reused for Novel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flora.federated.client import ClientRunner
+from flora.federated.distributed import gather, rank_share
+from flora.federated.metrics import ClientEval, harmonic_mean, summarise
+from flora.methods.base import StateDict
+
+
+def evaluate_clients(
+    clients: ClientRunner, global_state: StateDict, completed_rounds: int
+) -> tuple[dict[str, Any], list[ClientEval]]:
+    """The protocol's metrics (the same on every rank) and every client's Local result.
+
+    ``completed_rounds`` seeds evaluation fine-tuning.
+    """
+    module, dm, fabric = clients.module, clients.dm, clients.fabric
+    mine = rank_share(fabric, range(dm.num_clients))
+    has_global = module.has_global_model
+    base_novel = dm.has_novel
+    finetunes = clients.finetune_epochs > 0
+    tuned: dict[int, StateDict] = {}
+    local, base, glob = [], [], []
+    for cid in mine:
+        clients.load_for_eval(cid, global_state, completed_rounds)
+        local.append(clients.evaluate(cid))
+        if finetunes:
+            tuned[cid] = module.global_state()
+        if base_novel:
+            base.append(clients.evaluate(cid, "base"))
+        if has_global:
+            if finetunes:  # the global part alone is the un-tuned model
+                clients.load(cid, global_state, for_eval=True)
+            with module.global_only():
+                glob.append(clients.evaluate(cid))
+    novel, novel_glob = [], []
+    if base_novel:
+        module.set_task(dm.novel_class_names)
+        try:
+            for cid in mine:
+                if finetunes:
+                    clients.load(cid, global_state, for_eval=True)
+                    module.load_global_state(tuned[cid])
+                    novel.append(clients.evaluate(cid, "novel"))
+                    if has_global:  # the global part alone is the un-tuned model
+                        clients.load(cid, global_state, for_eval=True)
+                else:
+                    clients.load_for_eval(cid, global_state, completed_rounds)
+                    novel.append(clients.evaluate(cid, "novel"))
+                if has_global:
+                    with module.global_only():
+                        novel_glob.append(clients.evaluate(cid, "novel"))
+        finally:
+            module.set_task(dm.class_names)
+    gathered = gather(fabric, [local, base, glob, novel, novel_glob])
+    parts = [sorted((e for g in gathered[i::5] for e in g), key=lambda e: e.client_id) for i in range(5)]
+    local, base, glob, novel, novel_glob = parts
+    metrics: dict[str, Any] = summarise(local, "local")
+    metrics["local_acc_clients"] = [e.acc for e in local]
+    if glob:
+        metrics["global_acc"] = summarise(glob, "global")["global_acc_pooled"]
+    if base_novel:
+        metrics.update(summarise(base, "base"))
+        metrics.update(summarise(novel, "novel"))
+        if novel_glob:
+            metrics.update(summarise(novel_glob, "novel_global"))
+        metrics["hm"] = harmonic_mean(
+            [metrics["local_acc_mean"], metrics["base_acc_mean"], metrics["novel_acc_mean"]]
+        )
+    return metrics, local
