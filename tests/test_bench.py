@@ -348,6 +348,7 @@ def test_every_method_gets_the_same_budget() -> None:
     expected["zero-shot"] = {}  # nothing is learned
     expected["PromptPer"] = {"n_global": 4, "n_local": 3, "lr": 0.001}  # n_ctx - n_ctx // 2 shared
     expected["FedPGP"] = expected["FLORA"] = {**prompt, "rank": 4}
+    expected["CMFL"] = {"lora_r": 4}  # registered, but not in the default runs (needs the cmfl extra)
     assert {name: cls.budget_options(7, 4, 0.001) for name, cls in REGISTRY.items()} == expected
     m = make_method("FLORA", BenchConfig(n_ctx=8, rank=4, clip_pretrained=None), adapter="none")
     assert (m.hparams["n_ctx"], m.hparams["rank"], m.hparams["lr"], m.adapter) == (8, 4, 0.001, None)

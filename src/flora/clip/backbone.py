@@ -285,6 +285,23 @@ class CLIPBackbone(nn.Module):
         feats = feats.reshape(n_var, n_cls, -1)
         return feats[0] if squeeze else feats
 
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """The frozen token embeddings ``(..., L, d_t)`` of token ids ``(..., L)``."""
+        return self._token_embedding(tokens.to(self._token_embedding.weight.device))
+
+    def encode_embedded(self, x: Tensor, eot: Tensor) -> Tensor:
+        """Normalised text features of token embeddings ``x`` ``(B, L, d_t)`` pooled at ``eot`` ``(B,)``."""
+        return F.normalize(self._run_text(x, eot), dim=-1)
+
+    def text_hidden_states(self, x: Tensor) -> Tensor:
+        """The text tower's last hidden states ``(B, L, d_t)`` of token embeddings ``x``.
+
+        The transformer's outputs after the final LayerNorm, every position: what a
+        text-conditioned image generator attends to.
+        """
+        with self._timed("text"):
+            return self._text["ln_final"](run_transformer(self._text, x))
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
         """Normalised features of plain texts through the same (truncated) path."""
@@ -315,18 +332,23 @@ def text_tower_parts(model: nn.Module, model_name: str = "model") -> dict[str, A
     }
 
 
+def run_transformer(parts: dict[str, Any], x: Tensor) -> Tensor:
+    """Token embeddings ``(B, L, d_t)`` -> the causal transformer's outputs ``(B, L, d_t)``."""
+    length = x.shape[1]
+    x = x + parts["positional_embedding"][:length].to(x.dtype)
+    mask = parts["attn_mask"]
+    if mask is not None:
+        mask = mask[:length, :length].to(x.device)
+    return parts["transformer"](x, attn_mask=mask)
+
+
 def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor) -> Tensor:
     """Token embeddings ``(B, L, d_t)`` -> pooled, projected text features ``(B, d)``.
 
     ``L`` may be shorter than the model's context: the mask is causal, so the EOT feature
     only depends on the tokens before it and truncating at the longest EOT is exact.
     """
-    length = x.shape[1]
-    x = x + parts["positional_embedding"][:length].to(x.dtype)
-    mask = parts["attn_mask"]
-    if mask is not None:
-        mask = mask[:length, :length].to(x.device)
-    x = parts["transformer"](x, attn_mask=mask)
+    x = run_transformer(parts, x)
     x = x[torch.arange(x.shape[0], device=x.device), eot]
     x = parts["ln_final"](x)  # LayerNorm is per token: pooling first is the same, and cheaper
     proj = parts["text_projection"]

@@ -63,7 +63,8 @@ class ClientRunner:
     """Puts one client after the other on the module: its model in, local training, evaluation.
 
     Seeds, all derived from ``seed``: a client's local parameters start from ``(seed, 2,
-    client)``; its data order in round ``r`` follows ``(seed, 3, r, client)``, that of its
+    client)``; its data order in round ``r`` follows ``(seed, 3, r, client)`` (``(seed, 3, r,
+    client, k)`` in phase ``k > 0`` of a round with several phases), that of its
     evaluation fine-tuning after ``r`` completed rounds ``(seed, 4, r, client)``.
     """
 
@@ -220,7 +221,8 @@ class ClientRunner:
         """Client ``client_id``'s turn in round ``round_idx``: copies of what it uploads and keeps."""
         module = self.module
         previous = self.load(client_id, global_state)
-        seed = derive_seed(self.seed, 3, round_idx, client_id)
+        phase = module.round_phases.index(module.phase)  # a later phase of the round draws its own order
+        seed = derive_seed(self.seed, 3, round_idx, client_id, *([phase] if phase else []))
         done = self.local_training(
             client_id, self.local_epochs, seed, previous, f"round {round_idx + 1}", self.max_steps
         )
@@ -229,7 +231,7 @@ class ClientRunner:
         return ClientResult(
             client_id=client_id,
             num_samples=done.num_samples,
-            upload=module.global_state(),
+            upload=module.upload_state(),
             state=state,
             loss=sum(done.losses) / max(1, len(done.losses)),
             samples_seen=done.samples_seen,

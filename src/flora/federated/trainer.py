@@ -123,36 +123,25 @@ class FederatedTrainer:
         check_fabric_options(num_nodes=num_nodes, devices=devices, precision=precision)
         check_choice("trainer.optimizer_state", optimizer_state, ("persist", "reset"))
         check_choice("trainer.state_store", state_store, ("memory", "disk"))
-        unknown = set(loggers) - {"csv", "wandb"}
-        if unknown:
-            raise FloraConfigError(
-                f"trainer.loggers: unknown logger(s) {sorted(unknown)}; use csv and/or wandb"
-            )
+        if unknown := sorted(set(loggers) - {"csv", "wandb"}):
+            raise FloraConfigError(f"trainer.loggers: unknown logger(s) {unknown}; use csv and/or wandb")
         check_run_name(name)
-        self.rounds = rounds
-        self.local_epochs = local_epochs
-        self.client_fraction = client_fraction
-        self.clients_per_round = clients_per_round
-        self.seed = seed
-        self.accelerator = accelerator
-        self.devices = devices
-        self.strategy = strategy
-        self.num_nodes = num_nodes
+        self.rounds, self.local_epochs, self.seed = rounds, local_epochs, seed
+        self.client_fraction, self.clients_per_round = client_fraction, clients_per_round
+        self.accelerator, self.devices, self.strategy, self.num_nodes = (
+            accelerator,
+            devices,
+            strategy,
+            num_nodes,
+        )
         self.precision = str(precision)
-        self.eval_every = eval_every
-        self.eval_before_training = eval_before_training
-        self.optimizer_state = optimizer_state
-        self.state_store = state_store
+        self.eval_every, self.eval_before_training = eval_every, eval_before_training
+        self.optimizer_state, self.state_store = optimizer_state, state_store
         self.max_steps_per_round = max_steps_per_round
-        self.output_dir = output_dir
-        self.name = name
-        self.loggers = list(loggers)
-        self.wandb_project = wandb_project
-        self.progress = progress
+        self.output_dir, self.name, self.overwrite = output_dir, name, overwrite
+        self.loggers, self.wandb_project, self.progress = list(loggers), wandb_project, progress
         self.checkpoint_every = checkpoint_every
-        self.zero_shot_reference = zero_shot_reference
-        self.profile = profile
-        self.overwrite = overwrite
+        self.zero_shot_reference, self.profile = zero_shot_reference, profile
         self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
 
     # ------------------------------------------------------------------ paths
@@ -304,25 +293,35 @@ class FederatedTrainer:
         t0 = time.perf_counter()
         sampled = self.sampler.clients(round_idx)
         self.clients.start_timings()
-        results = []
-        for cid in rank_share(self.fabric, sampled):
-            results.append(self._train_client(cid, round_idx))
-            reporter.client_done(cid)
+        results: list[ClientResult] = []
+        up: list[int] = []
+        down: list[int] = []
+        t_train = t_agg = 0.0
+        n_trained = 0
+        # a method may split a round into phases: each is trained by every sampled client and
+        # aggregated before the next one starts (most methods have a single phase)
+        for phase in self.module.round_phases:
+            self.module.phase = phase
+            t1 = time.perf_counter()
+            mine = []
+            for cid in rank_share(self.fabric, sampled):
+                mine.append(self._train_client(cid, round_idx))
+                reporter.client_done(cid)
+            n_trained += sum(r.samples_seen for r in mine)
+            phase_results = sorted(gather(self.fabric, mine), key=lambda r: r.client_id)
+            t2 = time.perf_counter()
+            t_train += t2 - t1
+            for r in phase_results:  # before anything is aggregated or stored
+                check_finite(r, round_idx, self.checkpoint_path, self.completed_rounds)
+            for r in phase_results:
+                self.store.put(r.client_id, r.state)
+            uploads = [Upload(r.client_id, r.num_samples, r.upload) for r in phase_results]
+            up += [state_bytes(u.state) for u in uploads]
+            down += [state_bytes(self.module.download_state(c, self.global_state)) for c in sampled]
+            self.global_state = to_cpu_copy(self.module.aggregate(uploads, self.global_state))
+            t_agg += time.perf_counter() - t2
+            results += phase_results
         profile = self.clients.stop_timings()
-        n_trained = sum(r.samples_seen for r in results)
-        results = sorted(gather(self.fabric, results), key=lambda r: r.client_id)
-        t_train = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        for r in results:  # before anything is aggregated or stored
-            check_finite(r, round_idx, self.checkpoint_path, self.completed_rounds)
-        for r in results:
-            self.store.put(r.client_id, r.state)
-        uploads = [Upload(r.client_id, r.num_samples, r.upload) for r in results]
-        up = [state_bytes(u.state) for u in uploads]
-        down = [state_bytes(self.module.download_state(c, self.global_state)) for c in sampled]
-        self.global_state = to_cpu_copy(self.module.aggregate(uploads, self.global_state))
-        t_agg = time.perf_counter() - t1
 
         record: dict[str, Any] = {
             "round": round_idx + 1,

@@ -5,6 +5,7 @@ benchmark tables.
 """
 
 from flora.methods.base import FederatedPromptModule, Role, StateDict, Upload
+from flora.methods.cmfl import CMFL
 from flora.methods.coop import CoOpModule
 from flora.methods.fedotp import FedOTP
 from flora.methods.fedpgp import FedPGP
@@ -36,10 +37,14 @@ REGISTRY: dict[str, type[FederatedPromptModule]] = {
         PFedMoAP,
         FedPGP,
         FLORA,
+        CMFL,
     )
 }
+#: registered methods that need an optional extra; left out of the benchmarks' default method list
+OPTIONAL_METHODS: tuple[str, ...] = (CMFL.display_name,)
 
 __all__ = [
+    "CMFL",
     "FLORA",
     "REGISTRY",
     "CoOpModule",
@@ -48,6 +53,7 @@ __all__ = [
     "FederatedPromptModule",
     "KeepsLastUploads",
     "LocalCoOp",
+    "OPTIONAL_METHODS",
     "PFedMoAP",
     "PFedPrompt",
     "PromptAMP",

@@ -32,10 +32,8 @@ class Upload(NamedTuple):
     """What one client sends the server after its local training."""
 
     client_id: int
-    #: the client's training-set size (FedAvg's weight)
-    num_samples: int
-    #: a CPU copy of the client's global-role tensors
-    state: StateDict
+    num_samples: int  #: the client's training-set size (FedAvg's weight)
+    state: StateDict  #: a CPU copy of what it sends (:meth:`FederatedPromptModule.upload_state`)
 
 
 class Role(str, Enum):
@@ -74,6 +72,9 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
     eval_finetune_epochs: int = 0
     #: the option(s) that set :attr:`n_ctx`, as the user writes them after ``model.``
     n_ctx_option: ClassVar[str] = "n_ctx"
+    #: a round's phases, each trained by every sampled client and aggregated before the next
+    round_phases: ClassVar[tuple[str, ...]] = ("train",)
+    phase: str = "train"
     #: the method's name in tables and in ``flora.methods.REGISTRY``
     display_name: ClassVar[str] = ""
     #: whether each client ends with a model of its own (compared with PromptFL on Local accuracy)
@@ -210,6 +211,10 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         """A CPU copy of the global (uploaded) tensors."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self._params_with_role(Role.GLOBAL).items()}
 
+    def upload_state(self) -> StateDict:
+        """What a client sends the server after its local training (default: its global tensors)."""
+        return self.global_state()
+
     def local_state(self) -> StateDict:
         """A CPU copy of the client-local tensors."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self._params_with_role(Role.LOCAL).items()}
@@ -218,8 +223,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
     def load_role_state(self, state: StateDict, role: Role) -> None:
         """Copy ``state`` into the parameters of ``role`` (all of them must be present)."""
         params = self._params_with_role(role)
-        missing = sorted(set(params) - set(state))
-        extra = sorted(set(state) - set(params))
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or extra:
             raise KeyError(
                 f"{type(self).__name__} {role.value} state mismatch: missing {missing}, unexpected {extra}"
@@ -410,16 +414,15 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         return loss
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        self.val_acc(self(x).argmax(-1), y)
-        if self._trainer is not None:
-            self.log("val_acc", self.val_acc, prog_bar=True)
+        self._score(batch, "val_acc", prog_bar=True)
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        self.val_acc(self(x).argmax(-1), y)
+        self._score(batch, "test_acc", prog_bar=False)
+
+    def _score(self, batch: Sequence[Tensor], name: str, prog_bar: bool) -> None:
+        self.val_acc(self(batch[0]).argmax(-1), batch[1])
         if self._trainer is not None:
-            self.log("test_acc", self.val_acc)
+            self.log(name, self.val_acc, prog_bar=prog_bar)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         params = self.trainable_parameters()

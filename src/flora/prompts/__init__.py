@@ -1,6 +1,7 @@
 """Small learnable parts shared by the methods; no federated knowledge lives here."""
 
 from flora.prompts.adapter import ImageAdapter
+from flora.prompts.class_tokens import ClassNameEmbeddings
 from flora.prompts.context import PromptContext
 from flora.prompts.linear import reset_linear
 from flora.prompts.losses import pair_contrastive, rowwise_cos
@@ -8,6 +9,7 @@ from flora.prompts.lowrank import LowRankTerm, orthogonality_penalty
 from flora.prompts.transport import unbalanced_sinkhorn
 
 __all__ = [
+    "ClassNameEmbeddings",
     "ImageAdapter",
     "LowRankTerm",
     "PromptContext",
