@@ -208,3 +208,21 @@ def test_short_federated_fit(tmp_path: Path, tiny_root: Path) -> None:
     for local in trained:  # both parts moved from their initial values
         assert not torch.equal(local["embeddings.rows"], module.embeddings.initial.cpu())
         assert any(float(v.abs().sum()) > 0 for k, v in local.items() if k.endswith("lora_B"))
+
+
+def test_two_devices_match_one(tmp_path: Path, tiny_root: Path) -> None:
+    """The round's clients split over two processes: the same words exchanged, the same metrics."""
+
+    def fit(name: str, **kw: Any) -> dict[str, Any]:
+        trainer = FederatedTrainer(
+            rounds=1, clients_per_round=2, output_dir=str(tmp_path), name=name, progress=False, seed=0, **kw
+        )
+        return trainer.fit(
+            CMFL(**SMALL, lora_lr=1e-3), FederatedDataModule(root=str(tiny_root), batch_size=16)
+        )
+
+    one = fit("one")
+    two = fit("two", accelerator="cpu", devices=2, strategy="ddp_spawn")
+    for key, value in one["final"].items():
+        if not key.startswith(("time", "wall")) and isinstance(value, float):
+            assert two["final"][key] == pytest.approx(value, abs=1e-4), key

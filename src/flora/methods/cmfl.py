@@ -165,6 +165,13 @@ class CMFL(FederatedPromptModule):
             )
         return model
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by its options, tasks and tensors (for ``ddp_spawn``): torch cannot pickle LoRA's parametrizations."""
+        tasks = (
+            [self.embeddings_task, self.class_names] if self.embeddings is not None else [self.class_names]
+        )
+        return (_rebuild, (type(self), dict(self.hparams), tasks, self.state_dict()))
+
     @classmethod
     def budget_options(cls, n_ctx: int, rank: int, lr: float) -> dict[str, Any]:
         """No learned context: the benchmark's shared ``rank`` is the LoRA rank."""
@@ -367,3 +374,13 @@ class CMFL(FederatedPromptModule):
         for key, value in self.state_dict().items():
             if key.startswith("diffusion."):
                 sd.setdefault(key, value)
+
+
+def _rebuild(cls: type[CMFL], options: dict[str, Any], tasks: list[list[str]], state: StateDict) -> CMFL:
+    """The module :meth:`CMFL.__reduce__` describes: built from its options, its tasks set, its tensors loaded."""
+    module = cls(**options)
+    for task in tasks:
+        if task:
+            module.set_task(task)
+    module.load_state_dict(state)
+    return module
