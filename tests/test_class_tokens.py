@@ -96,3 +96,20 @@ def test_bad_templates_are_refused(backbone: CLIPBackbone) -> None:
         ClassNameEmbeddings(backbone, NAMES, "a photo")
     with pytest.raises(ValueError, match="at least one class"):
         ClassNameEmbeddings(backbone, [], TEMPLATE)
+
+
+def test_hidden_states_of_an_earlier_layer(backbone: CLIPBackbone) -> None:
+    """``skip_last`` gives the output of an earlier block, as open_clip's own intermediates do."""
+    x, _ = compose(backbone, TEMPLATE, ClassNameEmbeddings(backbone, NAMES, TEMPLATE).words())
+    x = x.detach()
+    transformer = backbone.model.transformer
+    n = len(transformer.resblocks)
+    length = x.shape[1]
+    inputs = x + backbone.model.positional_embedding[:length]
+    mask = backbone.model.attn_mask[:length, :length]
+    _, inter = transformer.forward_intermediates(inputs, attn_mask=mask, indices=[n - 2])
+    expected = backbone.model.ln_final(inter[0])
+    torch.testing.assert_close(backbone.text_hidden_states(x, skip_last=1), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(backbone.text_hidden_states(x), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="skip_last"):
+        backbone.text_hidden_states(x, skip_last=n)

@@ -126,6 +126,23 @@ def test_generation_is_deterministic_under_a_seed(model: CMFL) -> None:
     model.received = []
 
 
+def test_generator_reads_the_text_layer_it_was_trained_on(model: CMFL) -> None:
+    """``text_skip_layers`` picks the hidden states of an earlier block: other conditioning, other images."""
+    model.phase = "train"
+    model.received = [w.detach().clone() for w in model.embeddings.words()[:2]]
+    images = []
+    for skip in (0, 1):
+        model.text_skip_layers = skip
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model.before_local_training([])
+        images.append(model.generated_x.clone())
+    model.text_skip_layers, model.received = 0, []
+    assert not torch.equal(images[0], images[1])
+    with pytest.raises(FloraConfigError, match="model.text_skip_layers"):
+        CMFL(text_skip_layers=-1)
+
+
 def test_invert_trains_only_embeddings_and_train_only_lora(model: CMFL) -> None:
     opt = model.configure_optimizers()
     assert len(opt.param_groups) == 2

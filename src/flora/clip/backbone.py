@@ -293,14 +293,15 @@ class CLIPBackbone(nn.Module):
         """Normalised text features of token embeddings ``x`` ``(B, L, d_t)`` pooled at ``eot`` ``(B,)``."""
         return F.normalize(self._run_text(x, eot), dim=-1)
 
-    def text_hidden_states(self, x: Tensor) -> Tensor:
-        """The text tower's last hidden states ``(B, L, d_t)`` of token embeddings ``x``.
+    def text_hidden_states(self, x: Tensor, skip_last: int = 0) -> Tensor:
+        """The text tower's hidden states ``(B, L, d_t)`` of token embeddings ``x``.
 
         The transformer's outputs after the final LayerNorm, every position: what a
-        text-conditioned image generator attends to.
+        text-conditioned image generator attends to. ``skip_last`` takes them from an
+        earlier layer (Stable Diffusion 2 models were trained on the penultimate: 1).
         """
         with self._timed("text"):
-            return self._text["ln_final"](run_transformer(self._text, x))
+            return self._text["ln_final"](run_transformer(self._text, x, skip_last))
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -332,14 +333,27 @@ def text_tower_parts(model: nn.Module, model_name: str = "model") -> dict[str, A
     }
 
 
-def run_transformer(parts: dict[str, Any], x: Tensor) -> Tensor:
-    """Token embeddings ``(B, L, d_t)`` -> the causal transformer's outputs ``(B, L, d_t)``."""
+def run_transformer(parts: dict[str, Any], x: Tensor, skip_last: int = 0) -> Tensor:
+    """Token embeddings ``(B, L, d_t)`` -> the causal transformer's outputs ``(B, L, d_t)``.
+
+    ``skip_last`` leaves out that many final blocks (the output of an earlier layer).
+    """
     length = x.shape[1]
     x = x + parts["positional_embedding"][:length].to(x.dtype)
     mask = parts["attn_mask"]
     if mask is not None:
         mask = mask[:length, :length].to(x.device)
-    return parts["transformer"](x, attn_mask=mask)
+    transformer = parts["transformer"]
+    if skip_last == 0:
+        return transformer(x, attn_mask=mask)
+    blocks = transformer.resblocks
+    if not 0 < skip_last < len(blocks):
+        raise ValueError(f"skip_last must be in [0, {len(blocks)}), got {skip_last}")
+    batch_first = getattr(transformer, "batch_first", True)
+    x = x if batch_first else x.transpose(0, 1)
+    for block in blocks[: len(blocks) - skip_last]:
+        x = block(x, attn_mask=mask)
+    return x if batch_first else x.transpose(0, 1)
 
 
 def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor) -> Tensor:

@@ -97,6 +97,8 @@ class CMFL(FederatedPromptModule):
         generated_weight: per-sample loss weight of a generated image (real ones weigh 1).
         images_per_embedding: images generated from every received word.
         diffusion_steps, guidance_scale: DDIM steps and classifier-free guidance weight.
+        text_skip_layers: the generator reads the text tower's hidden states this many blocks
+            before its last (Stable Diffusion 2 models such as BK-SDM-v2 read the penultimate: 1).
         diffusion: ``"tiny"`` (a small random generator, for tests and smoke runs) or the
             path of a local diffusers checkpoint folder whose cross-attention width is the
             CLIP text tower's.
@@ -121,6 +123,7 @@ class CMFL(FederatedPromptModule):
         diffusion_steps: int = 50,
         guidance_scale: float = 7.5,
         diffusion: str = "tiny",
+        text_skip_layers: int = 0,
         **kwargs: Any,
     ) -> None:
         require_extra("CMFL")
@@ -133,6 +136,7 @@ class CMFL(FederatedPromptModule):
         check_option("images_per_embedding", images_per_embedding, low=1, integer=True)
         check_option("diffusion_steps", diffusion_steps, low=1, high=1000, integer=True)
         check_option("guidance_scale", guidance_scale, low=1)
+        check_option("text_skip_layers", text_skip_layers, low=0, integer=True)
         if not isinstance(diffusion, str) or not diffusion:
             raise FloraConfigError(
                 f"model.diffusion must be 'tiny' or a checkpoint folder, got {diffusion!r}"
@@ -141,7 +145,7 @@ class CMFL(FederatedPromptModule):
         self.embedding_lr, self.embedding_weight_decay = embedding_lr, embedding_weight_decay
         self.lora_lr, self.generated_weight = lora_lr, generated_weight
         self.images_per_embedding, self.diffusion_steps = images_per_embedding, diffusion_steps
-        self.guidance_scale = guidance_scale
+        self.guidance_scale, self.text_skip_layers = guidance_scale, text_skip_layers
         self.lora = add_lora(self.backbone.model.visual, lora_r, lora_alpha)  # plain list: not a submodule
         self.diffusion = self._build_diffusion(diffusion)
         self.embeddings: ClassNameEmbeddings | None = None
@@ -281,8 +285,10 @@ class CMFL(FederatedPromptModule):
         # the empty prompt, as the tokenizer writes it at full length (start, end, padding)
         empty = backbone.embed_tokens(backbone.tokenize([""]).to(self.anchor.device)).to(x.dtype)
         full = torch.cat([x, empty[:, x.shape[1] :].expand(len(x), -1, -1)], dim=1)
-        cond = backbone.text_hidden_states(full).repeat_interleave(self.images_per_embedding, 0)
-        uncond = backbone.text_hidden_states(empty)
+        cond = backbone.text_hidden_states(full, self.text_skip_layers).repeat_interleave(
+            self.images_per_embedding, 0
+        )
+        uncond = backbone.text_hidden_states(empty, self.text_skip_layers)
         own = self.embeddings.text_features(backbone)
         labels = (backbone.encode_embedded(x, eot) @ own.t().to(x.dtype)).argmax(-1)
         images = [
