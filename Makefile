@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/flora bench probe
 	$(BIN)/flora bench accuracy
 	$(BIN)/flora bench ablation
+	$(BIN)/flora bench cmfl
 	$(BIN)/flora bench speed
 
 clean:

@@ -355,3 +355,42 @@ def test_every_method_gets_the_same_budget() -> None:
     assert m.hparams["clip_pretrained"] is None and m.hparams["clip_model"] == "flora-tiny"
     with pytest.raises(ValueError, match="unknown method 'FedAvg'"):
         make_method("FedAvg", BenchConfig())
+
+
+def test_bench_cmfl_compares_cmfl_with_its_variants(tmp_path: Path) -> None:
+    from flora.bench import run_cmfl
+
+    cfg = BenchConfig(rounds=1, local_epochs=1, eval_every=1, clients_per_round=3, **MINI)
+    variants = ["CMFL", "CMFL no generated", "zero-shot"]
+    result = run_cmfl(
+        str(tmp_path / "docs"),
+        str(tmp_path / "work"),
+        seeds=1,
+        settings=["label"],
+        variants=variants,
+        cfg=cfg,
+        progress=False,
+    )
+    assert [r["method"] for r in result["runs"]] == variants
+    finals = {r["method"]: r["final"] for r in result["runs"]}
+
+    def first_round(variant: str) -> dict:
+        path = tmp_path / "work" / "runs" / f"label-cmfl_{variant.replace(' ', '_')}-s0" / "metrics.jsonl"
+        return json.loads(path.read_text().splitlines()[0])
+
+    # the variants are different runs: generated images change the training loss
+    assert first_round("CMFL")["train_loss"] != first_round("CMFL no generated")["train_loss"]
+    # clients_per_round reaches the trainer: 3 of the 10 clients trained in the round
+    assert len(first_round("CMFL")["clients"]) == 3
+    text = (tmp_path / "docs" / "cmfl.md").read_text()
+    g = result["generator"]
+    assert f"**{g['generated_acc']:.1f} %** (chance {g['chance']:.1f} %)" in text
+    assert (
+        "| CMFL no generated | `diffusion_steps=10`, `guidance_scale=7.5`, `images_per_embedding=1`, " in text
+    )
+    delta = finals["zero-shot"]["hm"] - finals["CMFL"]["hm"]
+    assert f"| {delta:+.1f} |" in text
+    assert "Seconds per run: CMFL " in text
+    assert json.loads((tmp_path / "docs" / "cmfl.json").read_text())["command"] == "flora bench cmfl"
+    with pytest.raises(ValueError, match="unknown cmfl variant"):
+        run_cmfl(str(tmp_path / "docs"), str(tmp_path / "work"), variants=["CMFL sideways"], cfg=cfg)

@@ -110,8 +110,12 @@ SYNTHETIC_TRAINER = {"rounds": 10, "local_epochs": 1, "seed": 0, "eval_every": 1
 
 
 def _shipped_runs() -> list[list[Path]]:
-    """Every config set that a shipped run uses: the single files, and base.yaml + each synthetic method."""
-    singles = [[p] for p in sorted((REPO / "configs").rglob("*.yaml")) if p.parent != SYNTHETIC]
+    """Every config set that a shipped run uses: the single files, and base.yaml + each synthetic method.
+
+    Sweep files (configs/sweeps/) are wandb's, not flora's: tests/test_sweeps.py checks them.
+    """
+    sweeps = REPO / "configs" / "sweeps"
+    singles = [[p] for p in sorted((REPO / "configs").rglob("*.yaml")) if p.parent not in (SYNTHETIC, sweeps)]
     composed = [[SYNTHETIC / "base.yaml", SYNTHETIC / f"{name}.yaml"] for name in sorted(SYNTHETIC_METHODS)]
     return singles + composed
 
@@ -293,3 +297,43 @@ def test_error_checkpoint_from_other_method(tmp_path: Path, tiny_root: Path) -> 
     assert "flora.methods.promptfl.PromptFL" in line and "LocalCoOp" in line
     # the original run folder is untouched
     assert json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())["final"]["round"] == 1
+
+
+def test_flora_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from flora.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+    # every listed command is dispatched: its own --help exits 0
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as stop:
+            main([name, "--help"])
+        assert stop.value.code == 0, name
+    capsys.readouterr()
+    assert main([]) == 2 and "commands:" in capsys.readouterr().out
+
+
+def test_progress_bar_counts_turns_on_a_terminal_and_stays_quiet_otherwise(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from flora.reporting import RunReporter
+
+    terminal = RunReporter(tmp_path, progress=True)
+    terminal.console = Console(file=io.StringIO(), force_terminal=True)
+    terminal.round_start(3, turns=4)
+    for cid in (5, 1, 7):
+        terminal.client_done(cid)
+    (task,) = terminal._bar.tasks
+    assert (task.description, task.completed, task.total) == ("round 3: client turns", 3, 4)
+    terminal.activity("evaluating clients", 2)  # a new activity replaces the round's bar
+    assert terminal._bar.tasks[0].total == 2
+    terminal.done()
+    assert terminal._bar is None
+    for reporter in (RunReporter(tmp_path, progress=False), RunReporter(tmp_path, progress=True)):
+        reporter.console = Console(file=io.StringIO(), force_terminal=reporter.progress is False)
+        reporter.round_start(1, turns=4)  # progress off, or not a terminal: no bar
+        assert reporter._bar is None

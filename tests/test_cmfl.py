@@ -243,3 +243,56 @@ def test_two_devices_match_one(tmp_path: Path, tiny_root: Path) -> None:
     for key, value in one["final"].items():
         if not key.startswith(("time", "wall")) and isinstance(value, float):
             assert two["final"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_diffusion_option_picks_the_shipped_random_or_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flora.methods.cmfl as cmfl_module
+    from flora.diffusion import load_shipped
+
+    shipped = CMFL(class_names=NAMES, **SMALL).diffusion.state_dict()
+    expected = load_shipped().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in shipped.items())
+    random = CMFL(class_names=NAMES, **SMALL, diffusion="tiny-random").diffusion.state_dict()
+    assert any(not torch.equal(v, expected[k]) for k, v in random.items())
+    # a generator made for another text width is refused by name, with the hint for the shipped one
+    from flora.diffusion import build_tiny
+
+    monkeypatch.setattr(cmfl_module, "load_shipped", lambda: build_tiny(64))
+    with pytest.raises(FloraConfigError) as err:
+        CMFL(class_names=NAMES, **SMALL)
+    assert str(err.value) == (
+        "model.diffusion 'tiny' attends to 64-wide text states; the CLIP text tower of flora-tiny gives 128 "
+        "(the shipped 'tiny' generator is made for clip_model flora-tiny)"
+    )
+
+
+def test_a_sent_word_discloses_its_class_name_by_nearest_token_lookup() -> None:
+    """What docs/fidelity.md says plainly: the words carry no label, yet a receiver recovers the class names."""
+    names = ["red circle", "blue square", "green triangle", "purple star", "orange heart"]
+    m = CMFL(class_names=names, **SMALL)
+    m.reset_local_parameters(torch.Generator().manual_seed(0))
+    opt = m.configure_optimizers()
+    m.phase = "invert"
+    m.train()
+    m.before_local_training([])
+    y = torch.tensor([3, 1, 3, 1])
+    for step in range(20):  # a client's inversion: the rows move away from the names' own rows
+        opt.zero_grad(set_to_none=True)
+        m.compute_loss(_batch(4, seed=step)[0], y)[0].backward()
+        opt.step()
+    torch.manual_seed(0)
+    sent = list(m.upload_state().values())
+    backbone = m.backbone
+    vocabulary = names + ["yellow circle", "cyan square", "pink diamond", "brown cross", "grey moon"]
+    table = backbone.model.token_embedding.weight.detach()
+
+    def rows(name: str) -> torch.Tensor:
+        ids = backbone.tokenize([name])[0]
+        return table[ids[1 : int(ids.argmax())]]
+
+    decoded = set()
+    for word in sent:
+        same_length = [n for n in vocabulary if len(rows(n)) == len(word)]
+        assert all(not torch.equal(word, rows(n)) for n in same_length)  # trained, not a copy of a name
+        decoded.add(min(same_length, key=lambda n: float((rows(n) - word).norm())))
+    assert decoded == {"blue square", "purple star"}

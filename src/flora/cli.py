@@ -37,6 +37,32 @@ _FRIENDLY_ERRORS = (
     PretrainedWeightsError,
     FloatingPointError,
 )
+#: every command with its one-line description (``flora``, ``flora -h``, ``flora --help``)
+COMMANDS: dict[str, str] = {
+    "fit": "federated training of a method (LightningCLI: --config FILE, repeatable; --print_config)",
+    "validate": "evaluate every client once from a checkpoint (--ckpt_path last|FILE); writes validate.json",
+    "test": "evaluate every client on its test split from a checkpoint (--ckpt_path last|FILE); test.json",
+    "prepare": "write the client shards of a config's data section (and report their sizes)",
+    "pretrain-tiny": "pretrain the shipped tiny CLIP on the synthetic world (docs/synthetic-world.md)",
+    "pretrain-generator": "pretrain CMFL's tiny text-to-image generator (docs/diffusion.md; flora[cmfl])",
+    "bench": "regenerate a benchmark document: accuracy | ablation | cmfl | speed | probe",
+    "report": "compare finished runs (folders or globs): tables, mean ± std over seeds, plots (docs/report.md)",
+}
+
+
+def usage() -> str:
+    """The text of ``flora --help``: every command and its one-line description."""
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: flora COMMAND [options]    (flora COMMAND --help for a command's options)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "docs/cli.md describes the config sections; FLORA_DEBUG=1 shows full tracebacks."]
+    return "\n".join(lines)
+
+
 # what a process sees when another process of the same run died (gloo / nccl)
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator")
 
@@ -239,15 +265,40 @@ def pretrain_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def pretrain_generator_main(argv: Sequence[str]) -> int:
+    """``flora pretrain-generator``: train the tiny text-to-image generator CMFL uses offline (a diffusers folder)."""
+    from flora.diffusion import require_extra
+    from flora.pretrain.generator import GeneratorPretrainConfig, pretrain_generator
+
+    parser = ArgumentParser(prog="flora pretrain-generator", description=pretrain_generator_main.__doc__)
+    parser.add_argument(
+        "--output", type=str, default="runs/pretrain/flora-tiny-generator", help="output folder"
+    )
+    parser.add_class_arguments(GeneratorPretrainConfig, "pretrain")
+    parser.add_argument("--progress", type=bool, default=True)
+    cfg = parser.instantiate_classes(parser.parse_args(list(argv)))
+    require_extra("flora pretrain-generator")
+    r = pretrain_generator(cfg.output, cfg.pretrain, progress=cfg.progress)
+    print(
+        f"flora pretrain-generator: wrote {r['output']} ({r['size_mb']:.1f} MiB, {r['parameters']:,} parameters, "
+        f"tensors sha256 {r['sha256'][:16]}) in {r['render_s'] + r['train_s']:.0f} s; "
+        f"CLIP zero-shot on generated images {r['generated_acc']:.1f} % (colour {r['generated_color_acc']:.1f} %, "
+        f"shape {r['generated_shape_acc']:.1f} %; real photos {r.get('real_acc', float('nan')):.1f} %, "
+        f"chance {r['chance']:.1f} %)"
+    )
+    return 0
+
+
 def bench_main(argv: Sequence[str]) -> int:
-    """``flora bench accuracy | ablation | speed | probe``: regenerate one of the benchmark documents in docs/."""
+    """``flora bench accuracy | ablation | cmfl | speed | probe``: regenerate one of the benchmark documents in docs/."""
     from jsonargparse import CLI
 
-    from flora.bench import run_ablation, run_accuracy, run_speed
+    from flora.bench import run_ablation, run_accuracy, run_cmfl, run_speed
     from flora.probe import run_probe
 
+    commands = {"accuracy": run_accuracy, "ablation": run_ablation, "cmfl": run_cmfl, "speed": run_speed}
     CLI(
-        {"accuracy": run_accuracy, "ablation": run_ablation, "speed": run_speed, "probe": run_probe},
+        {**commands, "probe": run_probe},
         args=list(argv),
         as_positional=False,
     )
@@ -298,13 +349,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("FLORA_DEBUG", "") not in ("", "0")
     # the per-process "Initializing distributed" banner would come before a run's own output and errors
     logging.getLogger("lightning.fabric.utilities.distributed").setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
     try:
         if argv and argv[0] == "prepare":
             return prepare_main(argv[1:])
         if argv and argv[0] == "pretrain-tiny":
             return pretrain_main(argv[1:])
+        if argv and argv[0] == "pretrain-generator":
+            return pretrain_generator_main(argv[1:])
         if argv and argv[0] == "bench":
             return bench_main(argv[1:])
+        if argv and argv[0] == "report":
+            from flora.report import report_main
+
+            return report_main(argv[1:])
         if argv and argv[0] in ("fit", "validate", "test"):
             problem = _check_method(argv[1:]) or _check_data_section(argv[1:])
             if problem:

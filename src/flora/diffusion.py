@@ -14,6 +14,9 @@ when called and raise a one-line :class:`~flora.errors.FloraConfigError` if it i
 * :func:`build_tiny` builds a small randomly initialised pipeline (about 1.5 MB) for tests and
   smoke runs, with a chosen cross-attention width.
 * :func:`load_pretrained` loads a real diffusers checkpoint folder (e.g. BK-SDM-v2-small).
+* :func:`load_shipped` loads the tiny generator shipped with flora: ``build_tiny``'s
+  architecture trained by ``flora pretrain-generator`` on the synthetic world's photos,
+  conditioned on the shipped ``flora-tiny`` CLIP's text hidden states.
 
 Every random number is drawn on a CPU :class:`torch.Generator` and then moved to the
 model's device, so a seed gives the same initial noise on every device.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,13 +38,18 @@ from flora.errors import FloraConfigError, check_range
 __all__ = [
     "EXTRA_MODULES",
     "TextToImage",
+    "SHIPPED_GENERATOR",
     "build_tiny",
     "load_pretrained",
+    "load_shipped",
     "require_extra",
 ]
 
 #: the import names the ``cmfl`` extra provides
 EXTRA_MODULES: tuple[str, ...] = ("diffusers",)
+
+#: the shipped tiny generator (a diffusers folder written by ``flora pretrain-generator``)
+SHIPPED_GENERATOR = Path(__file__).parent / "diffusion_weights" / "flora-tiny"
 
 #: subfolders (and the config file each must hold) of a diffusers checkpoint folder
 _LAYOUT: tuple[tuple[str, str], ...] = (
@@ -342,3 +351,12 @@ def load_pretrained(
         reason = " ".join(str(err).split())
         raise FloraConfigError(f"cannot load diffusion checkpoint {path!r}: {reason}") from err
     return TextToImage(unet, vae, scheduler)
+
+
+def load_shipped() -> TextToImage:
+    """The tiny generator shipped with flora (:data:`SHIPPED_GENERATOR`).
+
+    It attends to the 128-wide text hidden states of the shipped ``flora-tiny`` CLIP and makes
+    32x32 images; docs/diffusion.md says what its images reach.
+    """
+    return load_pretrained(str(SHIPPED_GENERATOR))

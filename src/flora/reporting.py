@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from flora.fileio import atomic_write_text
@@ -53,6 +54,50 @@ def _options(config_text: str) -> Any:
     if isinstance(options, dict):
         options.pop("ckpt_path", None)
     return options
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with only JSON types: mappings and sequences recursively, paths and other objects as text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    describe = getattr(value, "describe", None)
+    if callable(describe):
+        return json_safe(describe())
+    return str(value)
+
+
+def _init_options(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The constructor arguments of ``obj`` that it keeps as attributes of the same name, JSON-safe."""
+    import inspect
+
+    names = [n for n in inspect.signature(type(obj).__init__).parameters if n != "self" and n not in skip]
+    return {n: json_safe(getattr(obj, n)) for n in names if hasattr(obj, n)}
+
+
+def run_info(trainer: Any, module: Any, dm: Any) -> dict[str, Any]:
+    """What ``summary.json`` records of the run's options (``flora report`` compares runs by them).
+
+    ``seed``: the trainer's seed; ``hparams``: the method's hyperparameters; ``trainer``: the
+    trainer options; ``data``: the data module's options, its dataset and partition as described
+    in the shards' manifest.
+    """
+    hparams = getattr(module, "hparams", {}) or {}
+    data = _init_options(dm, skip=("dataset", "partition"))
+    for part in ("dataset", "partition"):
+        value = getattr(dm, part, None)
+        data[part] = json_safe(value) if value is not None else None
+    return {
+        "seed": json_safe(getattr(trainer, "seed", None)),
+        "hparams": {k: json_safe(v) for k, v in dict(hparams).items() if not str(k).startswith("_")},
+        "trainer": _init_options(trainer),
+        "data": data,
+    }
 
 
 def _numeric(record: dict[str, Any]) -> dict[str, float]:
@@ -141,8 +186,9 @@ class RunReporter:
         self.fabric = fabric
         self.console = Console(highlight=False)
         self._header_done = False
-        self._done = 0  # clients this process trained in the current round
         self.base_novel = False
+        self.run_info: dict[str, Any] = {}  # options recorded in summary.json (set by start)
+        self._bar: Any = None  # the rich progress bar of the current activity
 
     def note(self, text: str) -> None:
         if self.progress:
@@ -150,6 +196,7 @@ class RunReporter:
 
     def start(self, trainer: Any, module: Any, dm: Any, config_text: str | None, resumed: bool) -> None:
         self.base_novel = dm.has_novel
+        self.run_info = run_info(trainer, module, dm)
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +206,10 @@ class RunReporter:
                 # a resume with other options keeps the config each part of the run ran with
                 config.replace(self.run_dir / f"config.before-round{trainer.completed_rounds + 1}.yaml")
             atomic_write_text(config, config_text)
+        for logger in self._wandb_loggers():
+            # the resolved config when the CLI gave one (what a sweep compares runs by), else the recorded options
+            config = yaml.safe_load(config_text) if config_text is not None else None
+            logger.log_hyperparams(config if isinstance(config, dict) else self.run_info)
         # metrics.jsonl and the CSV always mirror the history (a resumed run drops rounds after its checkpoint)
         self._rewrite_metrics(trainer.history)
         self._rewrite_csv(trainer.history)
@@ -172,13 +223,46 @@ class RunReporter:
                 f"precision={trainer.precision} | feature cache {cache} | run dir {self.run_dir}"
             )
 
-    def round_start(self) -> None:
-        self._done = 0
+    def activity(self, what: str, total: int) -> None:
+        """Show a progress bar (done / total, elapsed, ETA) for ``total`` steps of ``what``.
+
+        Only on an interactive terminal with progress on (rank 0); transient, so the per-round
+        table stays clean. :meth:`tick` advances it, :meth:`done` removes it.
+        """
+        self.done()
+        if not (self.progress and self.console.is_terminal) or total <= 0:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._bar = Progress(*columns, TimeRemainingColumn(), console=self.console, transient=True)
+        self._bar.start()
+        self._bar.add_task(what, total=total)
+
+    def tick(self) -> None:
+        """One step of the current :meth:`activity` done."""
+        if self._bar is not None:
+            self._bar.advance(self._bar.task_ids[0])
+
+    def done(self) -> None:
+        """End the current :meth:`activity` (its bar disappears)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def round_start(self, round_no: int, turns: int) -> None:
+        """Round ``round_no`` starts; this process trains ``turns`` client turns in it."""
+        self.activity(f"round {round_no}: client turns", turns)
 
     def client_done(self, client_id: int) -> None:
-        self._done += 1
-        if self.progress and self.console.is_terminal:
-            self.console.print(f"  client {client_id} done ({self._done} on this device)", end="\r")
+        self.tick()
 
     def _columns(self) -> list[tuple[str, str, str]]:
         optional = {"base_acc_mean", "novel_acc_mean", "hm"}
@@ -203,6 +287,25 @@ class RunReporter:
             lg for lg in (self.fabric.loggers if self.fabric is not None else []) if isinstance(lg, CSVLogger)
         ]
 
+    def _wandb_loggers(self) -> list[Any]:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [
+            lg
+            for lg in (self.fabric.loggers if self.fabric is not None else [])
+            if isinstance(lg, WandbLogger)
+        ]
+
+    def _wandb_finish(self, summary: dict[str, Any], plot: Path) -> None:
+        """``final/*`` and ``best/*`` into each wandb run's summary, and the accuracy plot as an image."""
+        for logger in self._wandb_loggers():
+            for part in ("final", "best"):
+                logger.experiment.summary.update(
+                    {f"{part}/{k}": v for k, v in summary.get(part, {}).items() if isinstance(v, int | float)}
+                )
+            if plot.is_file():
+                logger.log_image(key="accuracy", images=[str(plot)])
+
     def _rewrite_csv(self, history: list[dict[str, Any]]) -> None:
         for logger in self._csv_loggers():
             (Path(logger.log_dir) / "metrics.csv").unlink(missing_ok=True)
@@ -211,6 +314,7 @@ class RunReporter:
             logger.save()
 
     def round_done(self, record: dict[str, Any]) -> None:
+        self.done()
         if not self.enabled:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
@@ -241,16 +345,19 @@ class RunReporter:
     def finish(
         self, history: list[dict[str, Any]], method: str, zero_shot: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        summary = build_summary(history, method, self.run_dir.name, zero_shot)
+        summary = {**build_summary(history, method, self.run_dir.name, zero_shot), **self.run_info}
         if not self.enabled:
             return summary
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_accuracy(
             history, self.run_dir / "accuracy.png", f"{self.run_dir.name}: {method.rsplit('.', 1)[-1]}"
         )
+        self._wandb_finish(summary, self.run_dir / "accuracy.png")
         if self.fabric is not None:
             for logger in self.fabric.loggers:
                 logger.finalize("success")
+        for logger in self._wandb_loggers():
+            logger.experiment.finish()  # the wandb run is complete (and its files written) when fit returns
         if self.progress and "final" in summary:
             f, b = summary["final"], summary["best"]
             self.note(

@@ -1,4 +1,4 @@
-"""``flora bench accuracy | ablation | speed``: the tables of docs/results.md, docs/ablation.md and docs/performance.md.
+"""``flora bench accuracy | ablation | cmfl | speed``: docs/results.md, ablation.md, cmfl.md and performance.md.
 
 Everything runs offline on the synthetic captioned-shapes world with the shipped tiny
 CLIP. Each run is an ordinary :class:`~flora.federated.FederatedTrainer` fit; the
@@ -6,12 +6,13 @@ tables are whatever the runs give. ``flora bench probe`` lives in :mod:`flora.pr
 
 * :mod:`flora.bench.common`: the settings, :class:`BenchConfig`, :func:`make_method`
   (every method under one budget), one fit, the report files;
-* :mod:`flora.bench.accuracy`, :mod:`flora.bench.ablation`, :mod:`flora.bench.speed`:
-  one command each, with its markdown.
+* :mod:`flora.bench.accuracy`, :mod:`flora.bench.ablation`, :mod:`flora.bench.cmfl`,
+  :mod:`flora.bench.speed`: one command each, with its markdown.
 """
 
 from flora.bench.ablation import ABLATIONS, REFERENCE, run_ablation
 from flora.bench.accuracy import run_accuracy
+from flora.bench.cmfl import CMFL_CONFIG, CMFL_VARIANTS, run_cmfl
 from flora.bench.common import (
     METHODS,
     PERSONALISED,
@@ -26,6 +27,8 @@ from flora.bench.speed import run_speed
 
 __all__ = [
     "ABLATIONS",
+    "CMFL_CONFIG",
+    "CMFL_VARIANTS",
     "METHODS",
     "PERSONALISED",
     "REFERENCE",
@@ -36,6 +39,7 @@ __all__ = [
     "make_method",
     "run_ablation",
     "run_accuracy",
+    "run_cmfl",
     "run_speed",
     "weights_digest",
 ]

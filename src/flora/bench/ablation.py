@@ -8,14 +8,12 @@ from typing import Any
 
 from flora.bench.common import (
     SETTINGS,
-    TABLE_KEYS,
     BenchConfig,
-    cell,
-    fit_one,
+    describe_variants,
     machine,
-    make_method,
-    print_run,
-    table,
+    run_variants,
+    setting_table,
+    variants_table,
     weights_digest,
     write_report,
 )
@@ -47,31 +45,15 @@ def run_ablation(
 
     ``variants`` are names from :data:`ABLATIONS` (default: all); ``settings`` default to label skew and feature shift.
     """
-    from rich.console import Console
-
     cfg = cfg or BenchConfig()
     settings = settings or ["label", "feature"]
     variants = variants or list(ABLATIONS)
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {list(ABLATIONS)}")
-    for setting in settings:
-        if setting not in SETTINGS:
-            raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
-    console = Console(highlight=False)
-    work = Path(work_dir)
-    runs: list[dict[str, Any]] = []
     start = time.perf_counter()
-    total = len(settings) * seeds * len(variants)
-    for setting in settings:
-        for seed in range(seeds):
-            for variant in variants:
-                method, overrides, _ = ABLATIONS[variant]
-                module = make_method(method, cfg, **overrides)
-                runs.append(fit_one(setting, seed, f"ablation {variant}", module, cfg, work))
-                runs[-1]["method"] = variant
-                if progress:
-                    print_run(console, runs[-1], len(runs), total)
+    chosen = {v: ABLATIONS[v] for v in variants}
+    runs = run_variants("ablation", chosen, settings, seeds, cfg, Path(work_dir), progress)
     result = {
         "command": "flora bench ablation",
         "machine": machine(),
@@ -79,10 +61,7 @@ def run_ablation(
         "seconds": time.perf_counter() - start,
         "config": cfg.__dict__,
         "settings": {s: SETTINGS[s] for s in settings},
-        "variants": {
-            v: {"method": ABLATIONS[v][0], "overrides": ABLATIONS[v][1], "description": ABLATIONS[v][2]}
-            for v in variants
-        },
+        "variants": describe_variants(chosen),
         "runs": runs,
     }
     write_report(out_dir, "ablation", result, _ablation_markdown)
@@ -110,34 +89,12 @@ def _ablation_markdown(result: dict[str, Any]) -> str:
         "novel-class test set with the personalised model (Novel-G: with the global prompt alone);",
         "HM: harmonic mean of Local, Base and Novel. All in percent, final round.",
         "",
-        "| variant | change | meaning |",
-        "|---|---|---|",
     ]
-    reference_method = ABLATIONS[REFERENCE][0]
-    for v, spec in result["variants"].items():
-        change = ", ".join(f"`{k}={val}`" for k, val in spec["overrides"].items()) or "-"
-        if spec["method"] != reference_method:
-            change = f"`{spec['method']}` instead of {reference_method}"
-        lines.append(f"| {v} | {change} | {spec.get('description', '')} |")
-    lines.append("")
+    lines += variants_table(result, ABLATIONS[REFERENCE][0])
     for setting, description in result["settings"].items():
-        variants, rows = table(result, setting)
-        reference = rows.get(REFERENCE)
-        lines += [
-            f"## {setting}: {description}",
-            "",
-            "| variant | Local | Base | Novel | Novel-G | HM | HM vs FLORA |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for v in variants:
-            cells = [cell(*rows[v][k]) for k in TABLE_KEYS]
-            delta = (
-                "-"
-                if reference is None or v == REFERENCE
-                else f"{rows[v]['hm'][0] - reference['hm'][0]:+.1f}"
-            )
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {delta} |")
-        lines.append("")
+        table_lines, rows = setting_table(result, setting, REFERENCE)
+        lines += [f"## {setting}: {description}", ""] + table_lines
+        variants, reference = list(rows), rows.get(REFERENCE)
         if reference is not None:
             # computed statements: a variant counts as above/below FLORA when the gap exceeds both stds
             ref_mean, ref_std = reference["hm"]

@@ -49,6 +49,8 @@ class BenchConfig:
     train_per_class: int = 20  # label skew: training images per class (photo style only)
     train_per_class_style: int = 4  # feature shift / both: training images per class and style
     clip_pretrained: str | None = "shipped"
+    #: clients sampled per round (None: every client, as in the accuracy benchmark)
+    clients_per_round: int | None = None
 
 
 def _world(setting: str, cfg: BenchConfig) -> tuple[SyntheticShapes, type[Partitioner], dict[str, Any]]:
@@ -140,6 +142,7 @@ def fit_one(
         local_epochs=cfg.local_epochs,
         eval_every=cfg.eval_every,
         seed=seed,
+        clients_per_round=cfg.clients_per_round,
         output_dir=str(work / "runs"),
         name=name,
         overwrite=True,  # a benchmark regenerates its runs
@@ -158,6 +161,69 @@ def fit_one(
         "seconds": time.perf_counter() - t0,
         "data": str(dm.root),
     }
+
+
+def run_variants(
+    kind: str,
+    variants: dict[str, tuple[str, dict[str, Any], str]],
+    settings: list[str],
+    seeds: int,
+    cfg: BenchConfig,
+    work: Path,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Fit every variant (``name -> (method, constructor overrides, description)``) per setting and seed.
+
+    Each run's ``method`` is the variant's name; its run folder is ``{setting}-{kind}_{name}-s{seed}``.
+    """
+    from rich.console import Console
+
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
+    console = Console(highlight=False)
+    runs: list[dict[str, Any]] = []
+    total = len(settings) * seeds * len(variants)
+    for setting in settings:
+        for seed in range(seeds):
+            for variant, (method, overrides, _) in variants.items():
+                module = make_method(method, cfg, **overrides)
+                runs.append(fit_one(setting, seed, f"{kind} {variant}", module, cfg, work))
+                runs[-1]["method"] = variant
+                if progress:
+                    print_run(console, runs[-1], len(runs), total)
+    return runs
+
+
+def describe_variants(variants: dict[str, tuple[str, dict[str, Any], str]]) -> dict[str, dict[str, Any]]:
+    """The ``variants`` section of a report: each variant's method, overrides and description."""
+    return {v: {"method": m, "overrides": o, "description": d} for v, (m, o, d) in variants.items()}
+
+
+def variants_table(result: dict[str, Any], reference_method: str) -> list[str]:
+    """Markdown lines: the table of variants (change, meaning); another method than ``reference_method`` is named."""
+    lines = ["| variant | change | meaning |", "|---|---|---|"]
+    for v, spec in result["variants"].items():
+        change = ", ".join(f"`{k}={val}`" for k, val in spec["overrides"].items()) or "-"
+        if spec["method"] != reference_method:
+            change = f"`{spec['method']}` instead of {reference_method}"
+        lines.append(f"| {v} | {change} | {spec.get('description', '')} |")
+    return lines + [""]
+
+
+def setting_table(result: dict[str, Any], setting: str, reference: str) -> tuple[list[str], dict[str, Any]]:
+    """Markdown lines of one setting's accuracy table with an "HM vs ``reference``" column, and its rows."""
+    variants, rows = table(result, setting)
+    ref = rows.get(reference)
+    lines = [
+        f"| variant | Local | Base | Novel | Novel-G | HM | HM vs {reference} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        cells = [cell(*rows[v][k]) for k in TABLE_KEYS]
+        delta = "-" if ref is None or v == reference else f"{rows[v]['hm'][0] - ref['hm'][0]:+.1f}"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {delta} |")
+    return lines + [""], rows
 
 
 def write_report(out_dir: str, stem: str, result: dict[str, Any], render: Any) -> Path:

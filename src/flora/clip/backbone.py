@@ -207,6 +207,20 @@ class CLIPBackbone(nn.Module):
         return self._fingerprint
 
     # --------------------------------------------------------------------- image
+    def normalise_images(self, images: Tensor) -> Tensor:
+        """Images in ``[0, 1]`` ``(B, 3, H, W)`` of any size -> the image tower's input.
+
+        Resized (bicubic, antialiased) to :attr:`image_size` when they differ, then normalised
+        with the model's mean and std, as :attr:`preprocess` does for a PIL image.
+        """
+        size = self.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        norm = next(t for t in self.preprocess.transforms if hasattr(t, "mean") and hasattr(t, "std"))
+        mean = torch.tensor(norm.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(norm.std, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
         """Pooled image embedding (not normalised), shape ``(B, d)``."""

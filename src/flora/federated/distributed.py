@@ -66,8 +66,15 @@ def make_fabric(trainer: FederatedTrainer) -> Fabric:
     if "wandb" in trainer.loggers:
         from lightning.pytorch.loggers import WandbLogger
 
+        # under a sweep agent wandb.init picks the run id up from WANDB_RUN_ID; the sweep groups the runs
+        group = os.environ.get("WANDB_SWEEP_ID") or None
         loggers.append(
-            WandbLogger(project=trainer.wandb_project, name=trainer.name, save_dir=str(trainer.run_dir))
+            WandbLogger(
+                project=trainer.wandb_project,
+                name=trainer.run_dir.name,
+                save_dir=str(trainer.run_dir),
+                group=group,
+            )
         )
     return Fabric(
         accelerator=trainer.accelerator,

@@ -28,16 +28,20 @@ from flora.methods.base import StateDict
 
 
 def evaluate_clients(
-    clients: ClientRunner, global_state: StateDict, completed_rounds: int
+    clients: ClientRunner, global_state: StateDict, completed_rounds: int, reporter: Any = None
 ) -> tuple[dict[str, Any], list[ClientEval]]:
     """The protocol's metrics (the same on every rank) and every client's Local result.
 
-    ``completed_rounds`` seeds evaluation fine-tuning.
+    ``completed_rounds`` seeds evaluation fine-tuning. ``reporter`` (a
+    :class:`~flora.reporting.RunReporter`) shows a progress bar over this rank's clients.
     """
     module, dm, fabric = clients.module, clients.dm, clients.fabric
     mine = rank_share(fabric, range(dm.num_clients))
     has_global = module.has_global_model
     base_novel = dm.has_novel
+    if reporter is not None:
+        reporter.activity("evaluating clients", len(mine) * (2 if base_novel else 1))
+    tick = reporter.tick if reporter is not None else (lambda: None)
     finetunes = clients.finetune_epochs > 0
     tuned: dict[int, StateDict] = {}
     local, base, glob = [], [], []
@@ -53,6 +57,7 @@ def evaluate_clients(
                 clients.load(cid, global_state, for_eval=True)
             with module.global_only():
                 glob.append(clients.evaluate(cid))
+        tick()
     novel, novel_glob = [], []
     if base_novel:
         module.set_task(dm.novel_class_names)
@@ -70,8 +75,11 @@ def evaluate_clients(
                 if has_global:
                     with module.global_only():
                         novel_glob.append(clients.evaluate(cid, "novel"))
+                tick()
         finally:
             module.set_task(dm.class_names)
+    if reporter is not None:
+        reporter.done()
     gathered = gather(fabric, [local, base, glob, novel, novel_glob])
     parts = [sorted((e for g in gathered[i::5] for e in g), key=lambda e: e.client_id) for i in range(5)]
     local, base, glob, novel, novel_glob = parts

@@ -1,4 +1,4 @@
-"""The run folder ``<output_dir>/<name>/``: claimed and locked by the process that writes it (rank 0)."""
+"""The run folder ``<output_dir>/<name>/`` (``<name>-<wandb run id>`` under a sweep agent): claimed and locked by the process that writes it (rank 0)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,21 @@ from flora.fileio import is_temporary
 # what a finished or started run leaves in its folder: a new run never replaces these silently
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "csv", "client_states", "config.yaml")
 LOCK_NAME = ".lock"
+
+
+def agent_run_id() -> str | None:
+    """The wandb run id when a wandb sweep agent started this process, else ``None``.
+
+    An agent sets ``WANDB_SWEEP_ID`` and, for every run it starts, ``WANDB_RUN_ID``; the run
+    folder is then ``<output_dir>/<name>-<run id>``, so the runs of a sweep never share a
+    folder, and a run the agent restarts (same id) finds its folder again.
+    """
+    run_id = os.environ.get("WANDB_RUN_ID", "")
+    if not os.environ.get("WANDB_SWEEP_ID") or not run_id:
+        return None
+    if not run_id.replace("-", "").replace("_", "").isalnum():
+        raise FloraConfigError(f"WANDB_RUN_ID must be letters, digits, '-' or '_', got {run_id!r}")
+    return run_id
 
 
 def check_run_name(name: str) -> None:

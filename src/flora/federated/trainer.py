@@ -43,7 +43,7 @@ from flora.federated.distributed import (
 )
 from flora.federated.evaluation import evaluate_clients
 from flora.federated.metrics import ClientEval, state_bytes
-from flora.federated.rundir import check_run_name, run_dir_claimed
+from flora.federated.rundir import agent_run_id, check_run_name, run_dir_claimed
 from flora.federated.sampling import ClientSampler, derive_seed
 from flora.federated.store import ClientStore, make_store, to_cpu_copy
 from flora.methods.base import FederatedPromptModule, StateDict, Upload
@@ -147,7 +147,8 @@ class FederatedTrainer:
     # ------------------------------------------------------------------ paths
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        run_id = agent_run_id()  # under a wandb sweep agent every run gets its own folder
+        return Path(self.output_dir) / (self.name if run_id is None else f"{self.name}-{run_id}")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -263,7 +264,7 @@ class FederatedTrainer:
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
         if self.zero_shot_reference and self.zero_shot is None:
             with module.zero_shot():
-                self.zero_shot, _ = self._evaluate()
+                self.zero_shot, _ = self._evaluate(reporter)
             reporter.zero_shot(self.zero_shot)
         if not module.is_trainable:
             reporter.note(f"{type(module).__name__} has no trainable parameters: evaluating only")
@@ -275,7 +276,6 @@ class FederatedTrainer:
             if (self.eval_before_training or self.rounds == 0) and not self.history:
                 self._evaluate_initial(reporter)
             for round_idx in range(self.completed_rounds, self.rounds):
-                reporter.round_start()
                 record = self._run_round(round_idx, reporter)
                 self._add_to_history(record)
                 self.completed_rounds = round_idx + 1
@@ -292,6 +292,8 @@ class FederatedTrainer:
         """Train this rank's share of the round's clients, aggregate, evaluate when due: the round's record."""
         t0 = time.perf_counter()
         sampled = self.sampler.clients(round_idx)
+        share = rank_share(self.fabric, sampled)  # this rank's clients of the round
+        reporter.round_start(round_idx + 1, len(share) * len(self.module.round_phases))
         self.clients.start_timings()
         results: list[ClientResult] = []
         up: list[int] = []
@@ -304,7 +306,7 @@ class FederatedTrainer:
             self.module.phase = phase
             t1 = time.perf_counter()
             mine = []
-            for cid in rank_share(self.fabric, sampled):
+            for cid in share:
                 mine.append(self._train_client(cid, round_idx))
                 reporter.client_done(cid)
             n_trained += sum(r.samples_seen for r in mine)
@@ -340,7 +342,7 @@ class FederatedTrainer:
             record.update(profile)
         if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:
             t2 = time.perf_counter()
-            metrics, _ = self._evaluate()
+            metrics, _ = self._evaluate(reporter)
             record.update(metrics)
             record["time_eval_s"] = time.perf_counter() - t2
         record["time_round_s"] = time.perf_counter() - t0
@@ -359,14 +361,14 @@ class FederatedTrainer:
         self.history.append(record)
 
     # ------------------------------------------------------------ evaluation
-    def _evaluate(self) -> tuple[dict[str, Any], list[ClientEval]]:
+    def _evaluate(self, reporter: RunReporter | None = None) -> tuple[dict[str, Any], list[ClientEval]]:
         """Every client evaluated with the protocol of :mod:`~flora.federated.evaluation`."""
-        return evaluate_clients(self.clients, self.global_state, self.completed_rounds)
+        return evaluate_clients(self.clients, self.global_state, self.completed_rounds, reporter)
 
     def _evaluate_initial(self, reporter: RunReporter) -> None:
         """Evaluate the model before any training and record it as round 0."""
         t0 = time.perf_counter()
-        metrics, _ = self._evaluate()
+        metrics, _ = self._evaluate(reporter)
         record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
         record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
         self._add_to_history(record)

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from flora.clip import ClassPrompts, CLIPBackbone
 from flora.errors import FloraConfigError
@@ -116,7 +116,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         self._eval_text: Tensor | None = None
         self._global_only = False
         self._zero_shot = False
-        self.val_acc: MulticlassAccuracy | None = None
+        self.val_acc: MeanMetric | None = None  # accuracy in percent, like every flora report
         self._class_names_given = None if class_names is None else list(class_names)  # MethodMeta sets it
 
     def validate_options(self) -> None:
@@ -148,8 +148,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
             raise FloraConfigError(str(err)) from None
         self.class_prompts = prompts.to(device)
         self.anchor = self.backbone.anchor_features(class_names, self.template).to(device)
-        # torchmetrics needs >= 2 classes; a one-class task (e.g. a tiny novel split) scores the same
-        self.val_acc = MulticlassAccuracy(num_classes=max(2, len(class_names)), average="micro").to(device)
+        self.val_acc = MeanMetric().to(device)
         self._eval_text = None
 
     @property
@@ -420,7 +419,8 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         self._score(batch, "test_acc", prog_bar=False)
 
     def _score(self, batch: Sequence[Tensor], name: str, prog_bar: bool) -> None:
-        self.val_acc(self(batch[0]).argmax(-1), batch[1])
+        """``val_acc`` / ``test_acc`` under a plain ``lightning.Trainer``: accuracy in percent, as ``flora fit`` reports."""
+        self.val_acc.update((self(batch[0]).argmax(-1) == batch[1]).float() * 100.0)
         if self._trainer is not None:
             self.log(name, self.val_acc, prog_bar=prog_bar)
 

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flora.diffusion import TextToImage, build_tiny, load_pretrained, require_extra
+from flora.diffusion import TextToImage, build_tiny, load_pretrained, load_shipped, require_extra
 from flora.errors import FloraConfigError
 from flora.methods.base import FederatedPromptModule, Role, StateDict, Upload
 from flora.methods.options import check_option
 from flora.prompts import ClassNameEmbeddings
-from flora.prompts.class_tokens import compose
+from flora.prompts.class_tokens import generator_conditioning
 
 WORD_PREFIX = "word."
 RECV_PREFIX = "recv."
@@ -99,9 +99,11 @@ class CMFL(FederatedPromptModule):
         diffusion_steps, guidance_scale: DDIM steps and classifier-free guidance weight.
         text_skip_layers: the generator reads the text tower's hidden states this many blocks
             before its last (Stable Diffusion 2 models such as BK-SDM-v2 read the penultimate: 1).
-        diffusion: ``"tiny"`` (a small random generator, for tests and smoke runs) or the
-            path of a local diffusers checkpoint folder whose cross-attention width is the
-            CLIP text tower's.
+        diffusion: ``"tiny"`` (the small generator shipped with flora, trained for the shipped
+            ``flora-tiny`` CLIP: :func:`flora.diffusion.load_shipped`), ``"tiny-random"`` (the
+            same architecture randomly initialised, for tests and smoke runs) or the path of a
+            local diffusers checkpoint folder whose cross-attention width is the CLIP text
+            tower's.
     """
 
     display_name = "CMFL"
@@ -139,7 +141,7 @@ class CMFL(FederatedPromptModule):
         check_option("text_skip_layers", text_skip_layers, low=0, integer=True)
         if not isinstance(diffusion, str) or not diffusion:
             raise FloraConfigError(
-                f"model.diffusion must be 'tiny' or a checkpoint folder, got {diffusion!r}"
+                f"model.diffusion must be 'tiny', 'tiny-random' or a checkpoint folder, got {diffusion!r}"
             )
         super().__init__(**kwargs)
         self.embedding_lr, self.embedding_weight_decay = embedding_lr, embedding_weight_decay
@@ -159,13 +161,18 @@ class CMFL(FederatedPromptModule):
 
     def _build_diffusion(self, diffusion: str) -> TextToImage:
         width = self.backbone.token_width
-        if diffusion == "tiny":
+        if diffusion == "tiny-random":
             return build_tiny(width, image_size=self.backbone.image_size)
-        model = load_pretrained(diffusion)
+        model = load_shipped() if diffusion == "tiny" else load_pretrained(diffusion)
         if model.cross_attention_dim != width:
+            hint = (
+                " (the shipped 'tiny' generator is made for clip_model flora-tiny)"
+                if diffusion == "tiny"
+                else ""
+            )
             raise FloraConfigError(
                 f"model.diffusion {diffusion!r} attends to {model.cross_attention_dim}-wide text states; "
-                f"the CLIP text tower gives {width}"
+                f"the CLIP text tower of {self.backbone.model_name} gives {width}{hint}"
             )
         return model
 
@@ -263,32 +270,14 @@ class CMFL(FederatedPromptModule):
         super().load_global_state({k: v for k, v in state.items() if not k.startswith(RECV_PREFIX)})
 
     # ------------------------------------------------------------ generation
-    def _clip_normalise(self, images: Tensor) -> Tensor:
-        """Images in ``[0, 1]`` at the generator's size -> the CLIP input (size, mean, std)."""
-        size = self.backbone.image_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-        norm = next(
-            t for t in self.backbone.preprocess.transforms if hasattr(t, "mean") and hasattr(t, "std")
-        )
-        mean = torch.tensor(norm.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(norm.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
-
     @torch.no_grad()
     def generate(self, words: Sequence[Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``images_per_embedding`` CLIP-ready images per word and each one's nearest own class."""
         if self.embeddings is None:
             raise RuntimeError("CMFL.set_task(class_names) must be called first")
         backbone = self.backbone
-        x, eot = compose(backbone, self.template, list(words))
-        # the empty prompt, as the tokenizer writes it at full length (start, end, padding)
-        empty = backbone.embed_tokens(backbone.tokenize([""]).to(self.anchor.device)).to(x.dtype)
-        full = torch.cat([x, empty[:, x.shape[1] :].expand(len(x), -1, -1)], dim=1)
-        cond = backbone.text_hidden_states(full, self.text_skip_layers).repeat_interleave(
-            self.images_per_embedding, 0
-        )
-        uncond = backbone.text_hidden_states(empty, self.text_skip_layers)
+        cond, uncond, x, eot = generator_conditioning(backbone, self.template, words, self.text_skip_layers)
+        cond = cond.repeat_interleave(self.images_per_embedding, 0)
         own = self.embeddings.text_features(backbone)
         labels = (backbone.encode_embedded(x, eot) @ own.t().to(x.dtype)).argmax(-1)
         images = [
@@ -297,7 +286,9 @@ class CMFL(FederatedPromptModule):
             )
             for i in range(0, len(cond), _GENERATE_BATCH)
         ]
-        return self._clip_normalise(torch.cat(images)), labels.repeat_interleave(self.images_per_embedding)
+        return backbone.normalise_images(torch.cat(images)), labels.repeat_interleave(
+            self.images_per_embedding
+        )
 
     def before_local_training(self, batches: Iterable[Sequence[Tensor]]) -> None:
         """Phase ``invert``: forget the classes seen; phase ``train``: generate from the received words."""

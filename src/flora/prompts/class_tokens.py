@@ -136,3 +136,23 @@ def compose(backbone: CLIPBackbone, template: str, words: Sequence[Tensor]) -> t
     eot = torch.tensor([len(s) - 1 for s in seqs], device=words[0].device)
     x = torch.stack([torch.cat([s, pad.to(s).expand(length - len(s), -1)]) for s in seqs])
     return x, eot
+
+
+def generator_conditioning(
+    backbone: CLIPBackbone, template: str, words: Sequence[Tensor], skip_last: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What a text-conditioned image generator attends to for the template around each word.
+
+    Returns ``(cond, uncond, x, eot)``: the text tower's hidden states ``(B, L, d_t)`` of the
+    composed prompts at the tokenizer's full context length (the positions after each prompt
+    hold the empty prompt's padding, as a tokenised sentence would), those of the empty prompt
+    ``(1, L, d_t)`` (for classifier-free guidance), and :func:`compose`'s token embeddings and
+    EOT positions. ``skip_last`` reads the hidden states that many blocks before the last.
+    """
+    x, eot = compose(backbone, template, list(words))
+    device = words[0].device
+    empty = backbone.embed_tokens(backbone.tokenize([""]).to(device)).to(x.dtype)
+    full = torch.cat([x, empty[:, x.shape[1] :].expand(len(x), -1, -1)], dim=1)
+    cond = backbone.text_hidden_states(full, skip_last)
+    uncond = backbone.text_hidden_states(empty, skip_last)
+    return cond, uncond, x, eot
