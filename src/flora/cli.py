@@ -245,17 +245,21 @@ def prepare_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _pretrain_options(argv: Sequence[str], command: str, doc: str | None, output: str, config: type) -> Any:
+    """Parse ``flora <command> [--output PATH] [--pretrain.<option> ...] [--progress BOOL]``."""
+    parser = ArgumentParser(prog=f"flora {command}", description=doc)
+    parser.add_argument("--output", type=str, default=output, help="where the weights are written")
+    parser.add_class_arguments(config, "pretrain")
+    parser.add_argument("--progress", type=bool, default=True)
+    return parser.instantiate_classes(parser.parse_args(list(argv)))
+
+
 def pretrain_main(argv: Sequence[str]) -> int:
     """``flora pretrain-tiny``: pretrain the tiny CLIP on the synthetic world (writes fp16 safetensors)."""
     from flora.pretrain import PretrainConfig, pretrain_tiny
 
-    parser = ArgumentParser(prog="flora pretrain-tiny", description=pretrain_main.__doc__)
-    parser.add_argument(
-        "--output", type=str, default="runs/pretrain/flora-tiny.safetensors", help="weights file"
-    )
-    parser.add_class_arguments(PretrainConfig, "pretrain")
-    parser.add_argument("--progress", type=bool, default=True)
-    cfg = parser.instantiate_classes(parser.parse_args(list(argv)))
+    output = "runs/pretrain/flora-tiny.safetensors"
+    cfg = _pretrain_options(argv, "pretrain-tiny", pretrain_main.__doc__, output, PretrainConfig)
     report = pretrain_tiny(cfg.output, cfg.pretrain, progress=cfg.progress)
     print(
         f"flora pretrain-tiny: wrote {report['output']} ({report['size_mb']:.1f} MiB, sha256 {report['sha256'][:16]}) "
@@ -270,13 +274,8 @@ def pretrain_generator_main(argv: Sequence[str]) -> int:
     from flora.diffusion import require_extra
     from flora.pretrain.generator import GeneratorPretrainConfig, pretrain_generator
 
-    parser = ArgumentParser(prog="flora pretrain-generator", description=pretrain_generator_main.__doc__)
-    parser.add_argument(
-        "--output", type=str, default="runs/pretrain/flora-tiny-generator", help="output folder"
-    )
-    parser.add_class_arguments(GeneratorPretrainConfig, "pretrain")
-    parser.add_argument("--progress", type=bool, default=True)
-    cfg = parser.instantiate_classes(parser.parse_args(list(argv)))
+    output, doc = "runs/pretrain/flora-tiny-generator", pretrain_generator_main.__doc__
+    cfg = _pretrain_options(argv, "pretrain-generator", doc, output, GeneratorPretrainConfig)
     require_extra("flora pretrain-generator")
     r = pretrain_generator(cfg.output, cfg.pretrain, progress=cfg.progress)
     print(

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
-from flora.bench.common import (
-    SETTINGS,
-    BenchConfig,
-    describe_variants,
-    machine,
-    run_variants,
-    setting_table,
-    variants_table,
-    weights_digest,
-    write_report,
-)
+from flora.bench.common import BenchConfig, setting_table, variant_bench, variants_table, write_report
 
 # FLORA's components, one change at a time against the benchmark's FLORA (first row)
 ABLATIONS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -46,24 +34,7 @@ def run_ablation(
     ``variants`` are names from :data:`ABLATIONS` (default: all); ``settings`` default to label skew and feature shift.
     """
     cfg = cfg or BenchConfig()
-    settings = settings or ["label", "feature"]
-    variants = variants or list(ABLATIONS)
-    unknown = [v for v in variants if v not in ABLATIONS]
-    if unknown:
-        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {list(ABLATIONS)}")
-    start = time.perf_counter()
-    chosen = {v: ABLATIONS[v] for v in variants}
-    runs = run_variants("ablation", chosen, settings, seeds, cfg, Path(work_dir), progress)
-    result = {
-        "command": "flora bench ablation",
-        "machine": machine(),
-        "weights": weights_digest(cfg.clip_pretrained),
-        "seconds": time.perf_counter() - start,
-        "config": cfg.__dict__,
-        "settings": {s: SETTINGS[s] for s in settings},
-        "variants": describe_variants(chosen),
-        "runs": runs,
-    }
+    result = variant_bench("ablation", ABLATIONS, variants, settings, seeds, cfg, work_dir, progress)
     write_report(out_dir, "ablation", result, _ablation_markdown)
     return result
 

@@ -17,21 +17,15 @@ images generated from every class name, against real photos
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from flora.bench.common import (
-    SETTINGS,
     BenchConfig,
-    describe_variants,
-    machine,
     mean_std,
-    run_variants,
     setting_table,
+    variant_bench,
     variants_table,
-    weights_digest,
     write_report,
 )
 
@@ -78,26 +72,10 @@ def run_cmfl(
 
     require_extra("flora bench cmfl")
     cfg = cfg or replace(CMFL_CONFIG)
-    settings = settings or ["label", "feature"]
-    variants = variants or list(CMFL_VARIANTS)
-    unknown = [v for v in variants if v not in CMFL_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown cmfl variant(s) {unknown}; choose from {list(CMFL_VARIANTS)}")
-    start = time.perf_counter()
-    generator = _generator_check(cfg)
-    chosen = {v: CMFL_VARIANTS[v] for v in variants}
-    runs = run_variants("cmfl", chosen, settings, seeds, cfg, Path(work_dir), progress)
-    result = {
-        "command": "flora bench cmfl",
-        "machine": machine(),
-        "weights": weights_digest(cfg.clip_pretrained),
-        "seconds": time.perf_counter() - start,
-        "config": cfg.__dict__,
-        "settings": {s: SETTINGS[s] for s in settings},
-        "variants": describe_variants(chosen),
-        "generator": generator,
-        "runs": runs,
-    }
+    generator = _generator_check(cfg)  # the shipped generator measured alone, before the runs
+    result = variant_bench(
+        "cmfl", CMFL_VARIANTS, variants, settings, seeds, cfg, work_dir, progress, generator=generator
+    )
     write_report(out_dir, "cmfl", result, _cmfl_markdown)
     return result
 

@@ -195,6 +195,43 @@ def run_variants(
     return runs
 
 
+def variant_bench(
+    kind: str,
+    catalogue: dict[str, tuple[str, dict[str, Any], str]],
+    variants: list[str] | None,
+    settings: list[str] | None,
+    seeds: int,
+    cfg: BenchConfig,
+    work_dir: str,
+    progress: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``flora bench <kind>``: the chosen ``variants`` of ``catalogue`` (all by default) per setting and seed.
+
+    Returns the report record (command, machine, weights, time, config, settings, variants,
+    ``extra`` and the runs); ``settings`` default to label skew and feature shift.
+    """
+    settings = settings or ["label", "feature"]
+    variants = variants or list(catalogue)
+    unknown = [v for v in variants if v not in catalogue]
+    if unknown:
+        raise ValueError(f"unknown {kind} variant(s) {unknown}; choose from {list(catalogue)}")
+    start = time.perf_counter()
+    chosen = {v: catalogue[v] for v in variants}
+    runs = run_variants(kind, chosen, settings, seeds, cfg, Path(work_dir), progress)
+    return {
+        "command": f"flora bench {kind}",
+        "machine": machine(),
+        "weights": weights_digest(cfg.clip_pretrained),
+        "seconds": time.perf_counter() - start,
+        "config": cfg.__dict__,
+        "settings": {s: SETTINGS[s] for s in settings},
+        "variants": describe_variants(chosen),
+        **extra,
+        "runs": runs,
+    }
+
+
 def describe_variants(variants: dict[str, tuple[str, dict[str, Any], str]]) -> dict[str, dict[str, Any]]:
     """The ``variants`` section of a report: each variant's method, overrides and description."""
     return {v: {"method": m, "overrides": o, "description": d} for v, (m, o, d) in variants.items()}

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,33 +125,48 @@ def _bar(progress: bool, what: str) -> Any:
     return Progress(*columns, disable=not progress)
 
 
-def _train_vae(
-    vae: torch.nn.Module, pool: torch.Tensor, cfg: GeneratorPretrainConfig, progress: bool
+def _optimise(
+    module: torch.nn.Module,
+    steps: int,
+    lr: float,
+    seed: int,
+    what: str,
+    progress: bool,
+    loss_at: Callable[[torch.Generator], torch.Tensor],
 ) -> list[float]:
-    vae.requires_grad_(True)
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    """``steps`` AdamW steps (cosine schedule) on ``module``; ``loss_at(gen)`` draws its batch from ``gen``."""
+    module.requires_grad_(True)
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    with _bar(progress, "generator: VAE") as bar:
-        task = bar.add_task("vae", total=cfg.vae_steps, loss="-")
-        for step in range(cfg.vae_steps):
+    with _bar(progress, what) as bar:
+        task = bar.add_task(what, total=steps, loss="-")
+        for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = _cosine(step, cfg.vae_steps, cfg.vae_lr)
-            x = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            recon = vae.decode(z).sample
-            loss = F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+                group["lr"] = _cosine(step, steps, lr)
+            loss = loss_at(gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-            if step % 20 == 0 or step == cfg.vae_steps - 1:
+            if step % 20 == 0 or step == steps - 1:
                 bar.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
-    vae.requires_grad_(False)
-    vae.eval()
+    module.requires_grad_(False)
+    module.eval()
     return losses
+
+
+def _train_vae(
+    vae: torch.nn.Module, pool: torch.Tensor, cfg: GeneratorPretrainConfig, progress: bool
+) -> list[float]:
+    def loss_at(gen: torch.Generator) -> torch.Tensor:
+        x = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        return F.mse_loss(vae.decode(z).sample, x) + cfg.kl_weight * posterior.kl().mean()
+
+    return _optimise(vae, cfg.vae_steps, cfg.vae_lr, cfg.seed + 1, "generator: VAE", progress, loss_at)
 
 
 @torch.no_grad()
@@ -168,36 +184,20 @@ def _train_unet(
     cfg: GeneratorPretrainConfig,
     progress: bool,
 ) -> list[float]:
-    unet.requires_grad_(True)
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
     alphas = scheduler.alphas_cumprod.float()
     steps_total = int(scheduler.config.num_train_timesteps)
-    losses: list[float] = []
-    with _bar(progress, "generator: UNet") as bar:
-        task = bar.add_task("unet", total=cfg.unet_steps, loss="-")
-        for step in range(cfg.unet_steps):
-            for group in opt.param_groups:
-                group["lr"] = _cosine(step, cfg.unet_steps, cfg.unet_lr)
-            idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
-            t = torch.randint(steps_total, (cfg.batch_size,), generator=gen)
-            noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)
-            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.uncond_prob
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
-            context = torch.where(drop.view(-1, 1, 1), uncond, cond[labels[idx]])
-            pred = unet(noisy, t, encoder_hidden_states=context).sample
-            loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if step % 20 == 0 or step == cfg.unet_steps - 1:
-                bar.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
-    unet.requires_grad_(False)
-    unet.eval()
-    return losses
+
+    def loss_at(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        t = torch.randint(steps_total, (cfg.batch_size,), generator=gen)
+        noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.uncond_prob
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
+        context = torch.where(drop.view(-1, 1, 1), uncond, cond[labels[idx]])
+        return F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+
+    return _optimise(unet, cfg.unet_steps, cfg.unet_lr, cfg.seed + 2, "generator: UNet", progress, loss_at)
 
 
 @torch.no_grad()
