@@ -32,13 +32,14 @@ lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-# Regenerates docs/backbone.md, docs/results.md, docs/ablation.md and docs/performance.md (offline; each states its own run time).
+# Regenerates docs/backbone.md, results.md, ablation.md, cmfl.md, performance.md and scaling-bench.md (offline; each states its own run time).
 bench: install
 	$(BIN)/flora bench probe
 	$(BIN)/flora bench accuracy
 	$(BIN)/flora bench ablation
 	$(BIN)/flora bench cmfl
 	$(BIN)/flora bench speed
+	$(BIN)/flora bench scaling
 
 clean:
 	rm -rf runs .pytest_cache build src/*.egg-info

@@ -394,3 +394,33 @@ def test_bench_cmfl_compares_cmfl_with_its_variants(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "docs" / "cmfl.json").read_text())["command"] == "flora bench cmfl"
     with pytest.raises(ValueError, match="unknown cmfl variant"):
         run_cmfl(str(tmp_path / "docs"), str(tmp_path / "work"), variants=["CMFL sideways"], cfg=cfg)
+
+
+def test_bench_scaling_measures_each_federation_size_in_its_own_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flora bench scaling` on a small world: 4 and 24 clients, some without test samples."""
+    from flora.cli import main
+
+    args = ["bench", "scaling", "--out_dir", str(tmp_path / "docs"), "--work_dir", str(tmp_path / "w")]
+    args += ["--clients", "[4, 24]", "--rounds", "2", "--eval_clients", "3"]
+    assert main(args + ["--train_per_class", "4", "--test_per_class", "1"]) == 0
+    result = json.loads((tmp_path / "docs" / "scaling-bench.json").read_text())
+    small, large = result["rows"]
+    assert [small["clients"], large["clients"]] == [4, 24]
+    assert [small["clients_per_round"], large["clients_per_round"]] == [1, 3]  # 10 % per round, at least 1
+    for row in (small, large):
+        run = tmp_path / "w" / "runs" / f"clients{row['clients']}"
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert row["rounds"] == len(records) == 2
+        assert row["peak_rss_mb"] == max(r["peak_rss_mb"] for r in records) > 100
+        assert row["client_states_mb"] > 0  # the disk state store under the run folder
+        # the last round evaluated every client with test samples, the first a sample of 3
+        assert row["clients_evaluated_last"] + row["clients_without_test"] == row["clients"]
+        assert records[0]["eval_sampled"] == (row["clients_evaluated_last"] > 3)
+        assert row["eval_full_s"] == records[-1]["time_eval_s"]
+    assert large["clients_without_test"] > 0  # 100 test images over 24 clients of Dirichlet(1.0)
+    text = (tmp_path / "docs" / "scaling-bench.md").read_text()
+    assert "| 24 | 3 |" in text and "figures/scaling.png" in text
+    assert (tmp_path / "docs" / "figures" / "scaling.png").stat().st_size > 1000
+    assert "24 clients:" in capsys.readouterr().out

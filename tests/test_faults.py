@@ -122,10 +122,10 @@ def train_client(self, client_id, round_idx):
     return out
 
 
-def evaluate(self):
+def evaluate(self, *args):
     trace("eval_begin", self.completed_rounds + 1)
     time.sleep(EVAL_SLEEP_S)
-    out = _evaluate(self)
+    out = _evaluate(self, *args)
     trace("eval_end", self.completed_rounds + 1)
     return out
 
@@ -191,7 +191,7 @@ def _matches(event: str, wanted: str) -> bool:
 
 
 def _is_timing(key: str) -> bool:
-    return key.startswith("time_") or key == "wall_time_s"
+    return key.startswith(("time_", "peak_")) or key == "wall_time_s"  # measured, not computed
 
 
 def _untimed(record: dict[str, Any]) -> dict[str, Any]:

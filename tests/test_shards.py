@@ -234,21 +234,30 @@ def test_shared_pathological_manifest_records_class_holders(tmp_path: Path) -> N
 # ---------------------------------------------------------------- clients without test samples
 
 
-def test_clients_without_test_samples_fail_at_prepare(tmp_path: Path) -> None:
+def test_clients_without_test_samples_are_written_with_a_warning(tmp_path: Path) -> None:
     """12 clients, one test sample per class: matched test splits leave 10 clients without any."""
+    from flora.errors import FloraDataWarning
+
     source = SyntheticShapes(**{**SOURCE, "test_per_class": 1})
-    with pytest.raises(
-        FloraDataError,
-        match=r"^IID: 10 of 12 clients got no test samples \(clients 1, 2, 3, 4, 5 and 5 more\); .*test: all$",
+    with pytest.warns(
+        FloraDataWarning,
+        match=r"^IID: 10 of 12 clients got no test samples \(clients 1, 2, 3, 4, 5 and 5 more\); "
+        r"they train but are left out of evaluation .*test: all$",
     ):
-        write_federated_shards(source, IID(num_clients=12), tmp_path / "e", progress=False)
-    assert not (tmp_path / "e").exists()  # nothing written
+        manifest = write_federated_shards(source, IID(num_clients=12), tmp_path / "e", progress=False)
+    assert [c["num_test"] for c in manifest["clients"]].count(0) == 10
+    assert all(c["num_train"] > 0 for c in manifest["clients"])
+    dm = FederatedDataModule(str(tmp_path / "e"), prepare=False)
+    dm.setup()
+    assert dm.evaluable_clients == [i for i, c in enumerate(manifest["clients"]) if c["num_test"] > 0]
+    for cid in range(12):  # every client's training split reads back, also those without a test split
+        assert len(dm.read_split(cid, "train")[1]) == manifest["clients"][cid]["num_train"]
     # test: all gives every client the whole test split
     write_federated_shards(source, IID(num_clients=12, test="all"), tmp_path / "all", progress=False)
 
 
-def test_manifest_with_clients_without_test_samples_fails_at_setup(tmp_path: Path) -> None:
-    """A manifest written before the prepare-time check fails at setup, not at evaluation."""
+def test_manifest_in_which_no_client_has_test_samples_fails_at_setup(tmp_path: Path) -> None:
+    """Some clients without test samples are evaluated without them; none with any fails at setup."""
     _write(tmp_path / "a")
     path = tmp_path / "a" / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -257,8 +266,17 @@ def test_manifest_with_clients_without_test_samples_fails_at_setup(tmp_path: Pat
         manifest["clients"][cid]["shards"]["test"][0]["count"] = 0
     path.write_text(json.dumps(manifest))
     dm = FederatedDataModule(str(tmp_path / "a"), prepare=False)
-    with pytest.raises(FloraDataError, match=r"2 of 3 clients have no test samples \(clients 0, 2\)"):
-        dm.setup()
+    dm.setup()
+    assert dm.evaluable_clients == [1]
+    dm.client_id = 2  # a plain lightning.Trainer validating a client without test samples
+    with pytest.raises(FloraDataError, match=r"^client 2 has no test samples in .*: \[1\]\)$"):
+        dm.val_dataloader()
+    manifest["clients"][1]["num_test"] = 0
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(
+        FloraDataError, match=r"3 of 3 clients have no test samples \(clients 0, 1, 2\), so none"
+    ):
+        FederatedDataModule(str(tmp_path / "a"), prepare=False).setup()
 
 
 def test_many_clients_without_test_samples_are_listed_briefly() -> None:

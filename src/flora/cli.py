@@ -45,7 +45,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "write the client shards of a config's data section (and report their sizes)",
     "pretrain-tiny": "pretrain the shipped tiny CLIP on the synthetic world (docs/synthetic-world.md)",
     "pretrain-generator": "pretrain CMFL's tiny text-to-image generator (docs/diffusion.md; flora[cmfl])",
-    "bench": "regenerate a benchmark document: accuracy | ablation | cmfl | speed | probe",
+    "bench": "regenerate a benchmark document: accuracy | ablation | cmfl | speed | scaling | probe",
     "report": "compare finished runs (folders or globs): tables, mean ± std over seeds, plots (docs/report.md)",
 }
 
@@ -242,6 +242,12 @@ def prepare_main(argv: Sequence[str]) -> int:
         f"flora prepare: {dm.root} has {dm.num_clients} clients x {dm.num_classes} classes; "
         f"train samples per client min {min(sizes)} / max {max(sizes)} / total {sum(sizes)}"
     )
+    if missing := dm.num_clients - len(dm.evaluable_clients):
+        print(
+            f"flora prepare: warning: {missing} of {dm.num_clients} clients have no test samples; they train, "
+            "and evaluation leaves them out (reported as clients_without_test)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -289,13 +295,19 @@ def pretrain_generator_main(argv: Sequence[str]) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    """``flora bench accuracy | ablation | cmfl | speed | probe``: regenerate one of the benchmark documents in docs/."""
+    """``flora bench accuracy | ablation | cmfl | speed | scaling | probe``: regenerate one of the benchmark documents in docs/."""
     from jsonargparse import CLI
 
-    from flora.bench import run_ablation, run_accuracy, run_cmfl, run_speed
+    from flora.bench import run_ablation, run_accuracy, run_cmfl, run_scaling, run_speed
     from flora.probe import run_probe
 
-    commands = {"accuracy": run_accuracy, "ablation": run_ablation, "cmfl": run_cmfl, "speed": run_speed}
+    commands = {
+        "accuracy": run_accuracy,
+        "ablation": run_ablation,
+        "cmfl": run_cmfl,
+        "speed": run_speed,
+        "scaling": run_scaling,
+    }
     CLI(
         {**commands, "probe": run_probe},
         args=list(argv),

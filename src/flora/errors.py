@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["FloraConfigError", "FloraDataError", "FloraRunError", "check_choice", "check_range"]
+__all__ = [
+    "FloraConfigError",
+    "FloraDataError",
+    "FloraDataWarning",
+    "FloraRunError",
+    "check_choice",
+    "check_range",
+]
 
 
 class FloraDataError(RuntimeError):
@@ -19,6 +26,10 @@ class FloraDataError(RuntimeError):
     The message is a single line that names the problem, the file or client involved and,
     where possible, how to fix it.
     """
+
+
+class FloraDataWarning(UserWarning):
+    """Data that works but not as a user may expect (e.g. clients without test samples, which are not evaluated)."""
 
 
 class FloraConfigError(ValueError):

@@ -23,6 +23,8 @@ SUMMARY_KEYS = (
     "novel_acc_mean",
     "novel_global_acc_mean",
     "hm",
+    "clients_evaluated",
+    "clients_without_test",
     "bytes_up_total",
     "bytes_down_total",
     "wall_time_s",
@@ -101,7 +103,11 @@ def run_info(trainer: Any, module: Any, dm: Any) -> dict[str, Any]:
 
 
 def _numeric(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items() if isinstance(v, int | float) and k != "round"}
+    return {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
+    }
 
 
 def build_summary(
@@ -110,9 +116,11 @@ def build_summary(
     """``final`` and ``best`` evaluated rounds, plus the last-5 mean/std.
 
     ``best`` is the round with the highest HM under the base/novel protocol, otherwise
-    the highest mean local accuracy.
+    the highest mean local accuracy. ``best`` and ``last5`` read the rounds that evaluated
+    every client (not a ``trainer.eval_clients`` sample), so they compare like with like.
     """
     evaluated = [r for r in history if "local_acc_mean" in r]
+    full = [r for r in evaluated if not r.get("eval_sampled")] or evaluated
     summary: dict[str, Any] = {
         "name": name,
         "method": method,
@@ -125,14 +133,14 @@ def build_summary(
     pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
     summary["final"] = pick(evaluated[-1])
     key = "hm" if "hm" in evaluated[-1] else "local_acc_mean"
-    summary["best"] = pick(max(evaluated, key=lambda r: r[key]))
+    summary["best"] = pick(max(full, key=lambda r: r[key]))
     # in Python floats, not metrics.mean_std: numpy's std of the same values can differ in the last bit
-    last = [r["local_acc_mean"] for r in evaluated[-5:]]
+    last = [r["local_acc_mean"] for r in full[-5:]]
     mean = sum(last) / len(last)
     summary["last5"] = {
         "local_acc_mean": mean,
         "local_acc_mean_std": (sum((x - mean) ** 2 for x in last) / len(last)) ** 0.5,
-        "rounds": [r["round"] for r in evaluated[-5:]],
+        "rounds": [r["round"] for r in full[-5:]],
     }
     return summary
 
@@ -222,6 +230,16 @@ class RunReporter:
                 f"{n_params:,} trainable parameters | devices={self.fabric.world_size} "
                 f"precision={trainer.precision} | feature cache {cache} | run dir {self.run_dir}"
             )
+            if missing := dm.num_clients - len(dm.evaluable_clients):
+                self.note(
+                    f"{missing} of {dm.num_clients} clients have no test samples: they train, and "
+                    "evaluation leaves them out (clients_without_test in every evaluated round)"
+                )
+            if trainer.eval_clients is not None:
+                self.note(
+                    f"intermediate evaluations cover a seeded sample of {trainer.eval_clients} clients; "
+                    "the last round covers every client with test samples"
+                )
 
     def activity(self, what: str, total: int) -> None:
         """Show a progress bar (done / total, elapsed, ETA) for ``total`` steps of ``what``.

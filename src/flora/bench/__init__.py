@@ -1,4 +1,4 @@
-"""``flora bench accuracy | ablation | cmfl | speed``: docs/results.md, ablation.md, cmfl.md and performance.md.
+"""``flora bench accuracy | ablation | cmfl | speed | scaling``: docs/results.md, ablation.md, cmfl.md, performance.md, scaling.md.
 
 Everything runs offline on the synthetic captioned-shapes world with the shipped tiny
 CLIP. Each run is an ordinary :class:`~flora.federated.FederatedTrainer` fit; the
@@ -7,7 +7,7 @@ tables are whatever the runs give. ``flora bench probe`` lives in :mod:`flora.pr
 * :mod:`flora.bench.common`: the settings, :class:`BenchConfig`, :func:`make_method`
   (every method under one budget), one fit, the report files;
 * :mod:`flora.bench.accuracy`, :mod:`flora.bench.ablation`, :mod:`flora.bench.cmfl`,
-  :mod:`flora.bench.speed`: one command each, with its markdown.
+  :mod:`flora.bench.speed`, :mod:`flora.bench.scaling`: one command each, with its markdown.
 """
 
 from flora.bench.ablation import ABLATIONS, REFERENCE, run_ablation
@@ -23,6 +23,7 @@ from flora.bench.common import (
     make_method,
     weights_digest,
 )
+from flora.bench.scaling import run_scaling
 from flora.bench.speed import run_speed
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "run_ablation",
     "run_accuracy",
     "run_cmfl",
+    "run_scaling",
     "run_speed",
     "weights_digest",
 ]

@@ -68,8 +68,9 @@ class FederatedDataModule(L.LightningDataModule):
             ``test_dataloader`` when the module is used with a plain ``lightning.Trainer``.
 
     Out-of-range options raise :class:`flora.errors.FloraConfigError` at construction
-    (``data.batch_size must be >= 1, got 0``). :meth:`setup` refuses a manifest in which a
-    client has no test samples (it could never be evaluated), naming the clients.
+    (``data.batch_size must be >= 1, got 0``). :meth:`setup` refuses a manifest in which no
+    client has test samples; clients without any train and are left out of evaluation
+    (:attr:`evaluable_clients`).
     """
 
     def __init__(
@@ -138,12 +139,11 @@ class FederatedDataModule(L.LightningDataModule):
                     f"but data.base_novel is {self.base_novel}"
                 )
             clients = manifest.get("clients", [])
-            no_test = [int(c.get("id", i)) for i, c in enumerate(clients) if int(c.get("num_test", 0)) == 0]
-            if no_test:
+            if clients and all(int(c.get("num_test", 0)) == 0 for c in clients):
                 raise FloraDataError(
-                    f"{self.root}: {empty_test_message(no_test, len(clients))} and could not be evaluated; "
-                    "prepare the data again into a new data.root with fewer clients (data.partition.num_clients), "
-                    "a larger data.partition.min_size or data.partition.test: all"
+                    f"{self.root}: {empty_test_message(list(range(len(clients))), len(clients))}, so none "
+                    "could be evaluated; prepare the data again into a new data.root with fewer clients "
+                    "(data.partition.num_clients), a larger data.partition.min_size or data.partition.test: all"
                 )
             self.manifest = manifest
 
@@ -175,6 +175,17 @@ class FederatedDataModule(L.LightningDataModule):
     @property
     def num_clients(self) -> int:
         return int(self._require_manifest()["num_clients"])
+
+    @property
+    def evaluable_clients(self) -> list[int]:
+        """The clients with test samples, in id order: the ones evaluation covers.
+
+        A client without test samples (possible with many small clients) trains like any
+        other; evaluation leaves it out and reports how many were left out
+        (``clients_without_test``).
+        """
+        clients = self._require_manifest()["clients"]
+        return [i for i, c in enumerate(clients) if int(c.get("num_test", 0)) > 0]
 
     def _client(self, client_id: int) -> dict[str, Any]:
         clients = self._require_manifest()["clients"]
@@ -328,7 +339,15 @@ class FederatedDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self.client_loader(self.client_id, "test")
+        return self._client_test_loader()
 
     def test_dataloader(self) -> DataLoader:
+        return self._client_test_loader()
+
+    def _client_test_loader(self) -> DataLoader:
+        if self.num_samples(self.client_id, "test") == 0:
+            raise FloraDataError(
+                f"client {self.client_id} has no test samples in {self.root}; choose another data.client_id "
+                f"(the first clients with test samples: {self.evaluable_clients[:5]})"
+            )
         return self.client_loader(self.client_id, "test")

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from PIL import Image
 
 from flora.data.partition import Partitioner, base_novel_split
 from flora.data.source import SPLITS, SourceDataset
-from flora.errors import FloraDataError
+from flora.errors import FloraDataError, FloraDataWarning
 from flora.fileio import atomic_write_text
 
 FORMAT_VERSION = 1
@@ -110,11 +111,14 @@ def write_federated_shards(
             f"{type(source).__name__} has no test samples{' of the base classes' if base_novel else ''}; "
             "every client needs test samples to be evaluated"
         )
-    if no_test:
-        raise FloraDataError(
+    if no_test:  # they train; evaluation leaves them out and counts them (clients_without_test)
+        warnings.warn(
             f"{type(partitioner).__name__}: {empty_test_message(no_test, part.num_clients, 'got')}; "
-            "use fewer clients (data.partition.num_clients), a larger data.partition.min_size or "
-            "data.partition.test: all"
+            "they train but are left out of evaluation (counted as clients_without_test). For every "
+            "client to be evaluated use fewer clients (data.partition.num_clients), a larger "
+            "data.partition.min_size or data.partition.test: all",
+            FloraDataWarning,
+            stacklevel=2,
         )
     train_counts = part.counts("train", labels["train"])
     test_counts = part.counts("test", labels["test"])

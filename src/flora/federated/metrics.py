@@ -39,6 +39,18 @@ def evaluate_predictions(
     )
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak resident memory (``peak_rss_mb``) and, on CUDA, peak allocated GPU memory (MiB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """The size of a state's tensors in bytes (what sending it costs)."""
     return sum(t.numel() * t.element_size() for t in state.values())

@@ -12,8 +12,9 @@ then reads top to bottom in :meth:`FederatedTrainer._run_round`:
 3. the results are gathered from all ranks and checked to be finite, the clients' states
    stored, the uploads aggregated by the method in client-id order (so results do not
    depend on the number of devices);
-4. every ``eval_every`` rounds (and after the last) all clients are evaluated, sharded over
-   the ranks: :mod:`~flora.federated.evaluation` (Local, Global; Base, Novel, Novel-G, HM);
+4. every ``eval_every`` rounds (and after the last) the clients are evaluated, sharded over
+   the ranks: :mod:`~flora.federated.evaluation` (Local, Global; Base, Novel, Novel-G, HM):
+   every client with test samples, or on intermediate rounds a seeded ``eval_clients`` sample;
 5. the round's record joins the history and the totals; rank 0 writes an atomic checkpoint
    every ``checkpoint_every`` rounds and logs the round (:class:`~flora.reporting.RunReporter`).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,13 @@ from flora.federated.distributed import (
     rank_share,
     setup_rank,
 )
-from flora.federated.evaluation import evaluate_clients
-from flora.federated.metrics import ClientEval, state_bytes
+from flora.federated.evaluation import clients_to_evaluate, evaluate_clients, evaluate_once
+from flora.federated.metrics import ClientEval, peak_memory_mb, state_bytes
 from flora.federated.rundir import agent_run_id, check_run_name, run_dir_claimed
 from flora.federated.sampling import ClientSampler, derive_seed
 from flora.federated.store import ClientStore, make_store, to_cpu_copy
 from flora.methods.base import FederatedPromptModule, StateDict, Upload
-from flora.reporting import RunReporter, write_evaluation
+from flora.reporting import RunReporter
 
 
 class FederatedTrainer:
@@ -65,6 +67,8 @@ class FederatedTrainer:
         precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (GPU).
         eval_every: evaluate every N rounds (the last round is always evaluated).
         eval_before_training: also evaluate the initial model (round 0).
+        eval_clients: evaluate a seeded sample of this many clients on intermediate rounds
+            (None: all); the last round always evaluates every client with test samples.
         optimizer_state: ``persist`` (each client keeps its own optimiser state
             across its turns) or ``reset`` (a fresh optimiser every turn). Never shared.
         state_store: ``memory`` or ``disk`` (under the run folder) for client states.
@@ -100,6 +104,7 @@ class FederatedTrainer:
         precision: str = "32-true",
         eval_every: int = 1,
         eval_before_training: bool = False,
+        eval_clients: int | None = None,
         optimizer_state: str = "persist",
         state_store: str = "memory",
         max_steps_per_round: int | None = None,
@@ -118,6 +123,7 @@ class FederatedTrainer:
         check_range("trainer.client_fraction", client_fraction, low=0, low_open=True, high=1)
         check_range("trainer.clients_per_round", clients_per_round, low=1, allow_none=True)
         check_range("trainer.eval_every", eval_every, low=1)
+        check_range("trainer.eval_clients", eval_clients, low=1, allow_none=True)
         check_range("trainer.checkpoint_every", checkpoint_every, low=1)
         check_range("trainer.max_steps_per_round", max_steps_per_round, low=1, allow_none=True)
         check_fabric_options(num_nodes=num_nodes, devices=devices, precision=precision)
@@ -136,6 +142,7 @@ class FederatedTrainer:
         )
         self.precision = str(precision)
         self.eval_every, self.eval_before_training = eval_every, eval_before_training
+        self.eval_clients = eval_clients
         self.optimizer_state, self.state_store = optimizer_state, state_store
         self.max_steps_per_round = max_steps_per_round
         self.output_dir, self.name, self.overwrite = output_dir, name, overwrite
@@ -171,7 +178,7 @@ class FederatedTrainer:
         ckpt_path: str | None = None,
     ) -> dict[str, Any]:
         """Evaluate every client once (from ``ckpt_path`` if given) and write ``validate.json``."""
-        return self._launch(self._evaluate_only, model, datamodule, ckpt_path, "validate")
+        return self._launch(partial(evaluate_once, self), model, datamodule, ckpt_path, "validate")
 
     def test(
         self,
@@ -180,7 +187,7 @@ class FederatedTrainer:
         ckpt_path: str | None = None,
     ) -> dict[str, Any]:
         """Evaluate every client once on its test split (from ``ckpt_path`` if given) and write ``test.json``."""
-        return self._launch(self._evaluate_only, model, datamodule, ckpt_path, "test")
+        return self._launch(partial(evaluate_once, self), model, datamodule, ckpt_path, "test")
 
     def _launch(self, fn: Callable[..., Any], model: Any, datamodule: Any, ckpt_path: Any, *rest: Any) -> Any:
         """Check the inputs, claim the run folder (``fit``, rank 0) and run ``fn`` in Fabric's processes."""
@@ -264,7 +271,7 @@ class FederatedTrainer:
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
         if self.zero_shot_reference and self.zero_shot is None:
             with module.zero_shot():
-                self.zero_shot, _ = self._evaluate(reporter)
+                self.zero_shot, _ = self._evaluate(reporter, full=True)
             reporter.zero_shot(self.zero_shot)
         if not module.is_trainable:
             reporter.note(f"{type(module).__name__} has no trainable parameters: evaluating only")
@@ -342,7 +349,7 @@ class FederatedTrainer:
             record.update(profile)
         if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:
             t2 = time.perf_counter()
-            metrics, _ = self._evaluate(reporter)
+            metrics, _ = self._evaluate(reporter, round_idx + 1 == self.rounds, round_idx + 1)
             record.update(metrics)
             record["time_eval_s"] = time.perf_counter() - t2
         record["time_round_s"] = time.perf_counter() - t0
@@ -358,43 +365,23 @@ class FederatedTrainer:
         self.totals["bytes_down_total"] += record.get("bytes_down", 0)
         self.totals["wall_time_s"] += record.get("time_round_s", 0.0)
         record.update(self.totals)
+        record.update(peak_memory_mb())  # of this process (rank 0's is the one recorded)
         self.history.append(record)
 
     # ------------------------------------------------------------ evaluation
-    def _evaluate(self, reporter: RunReporter | None = None) -> tuple[dict[str, Any], list[ClientEval]]:
-        """Every client evaluated with the protocol of :mod:`~flora.federated.evaluation`."""
-        return evaluate_clients(self.clients, self.global_state, self.completed_rounds, reporter)
+    def _evaluate(
+        self, reporter: RunReporter, full: bool, round_no: int = 0
+    ) -> tuple[dict[str, Any], list[ClientEval]]:
+        """The protocol of :mod:`~flora.federated.evaluation`: every client with test samples, or (not ``full``) round ``round_no``'s sample."""
+        sample = None if full else self.eval_clients
+        ids = clients_to_evaluate(self.dm, sample, self.seed, round_no)
+        return evaluate_clients(self.clients, self.global_state, self.completed_rounds, reporter, ids)
 
     def _evaluate_initial(self, reporter: RunReporter) -> None:
         """Evaluate the model before any training and record it as round 0."""
         t0 = time.perf_counter()
-        metrics, _ = self._evaluate(reporter)
+        metrics, _ = self._evaluate(reporter, full=self.rounds == 0 or not self.module.is_trainable)
         record = {"round": 0, "bytes_up": 0, "bytes_down": 0, **metrics}
         record["time_eval_s"] = record["time_round_s"] = time.perf_counter() - t0
         self._add_to_history(record)
         reporter.round_done(record)
-
-    def _evaluate_only(
-        self,
-        fabric: Fabric,
-        module: FederatedPromptModule,
-        dm: FederatedDataModule,
-        ckpt: Path | None,
-        kind: str,
-    ) -> dict[str, Any]:
-        """``validate`` / ``test``: evaluate every client once and write ``<kind>.json``."""
-        self._setup(fabric, module, dm)
-        if ckpt is not None:
-            restore_checkpoint(self, ckpt)
-        metrics, evals = self._evaluate()
-        result = {
-            "kind": kind,
-            "method": method_path(module),
-            "checkpoint": str(ckpt) if ckpt else None,
-            "completed_rounds": self.completed_rounds,
-            **metrics,
-            "clients": [e.__dict__ for e in evals],
-        }
-        if fabric.is_global_zero:
-            write_evaluation(self.run_dir / f"{kind}.json", result, progress=self.progress)
-        return result
