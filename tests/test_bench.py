@@ -424,3 +424,25 @@ def test_bench_scaling_measures_each_federation_size_in_its_own_process(
     assert "| 24 | 3 |" in text and "figures/scaling.png" in text
     assert (tmp_path / "docs" / "figures" / "scaling.png").stat().st_size > 1000
     assert "24 clients:" in capsys.readouterr().out
+
+
+def test_scaling_doc_quotes_the_bench_it_names() -> None:
+    """docs/scaling.md's table is the one `flora bench scaling` wrote into docs/scaling-bench.json."""
+    docs = Path(__file__).parents[1] / "docs"
+    rows = json.loads((docs / "scaling-bench.json").read_text())["rows"]
+    text = (docs / "scaling.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == len(rows)
+    for line, row in zip(table, rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        sample = "-" if row["eval_sampled_s"] != row["eval_sampled_s"] else f"{row['eval_sampled_s']:.1f}"
+        assert cells == [
+            f"{row['clients']:,}",
+            str(row["clients_per_round"]),
+            f"{row['train_s']:.1f}",
+            sample,
+            f"{row['eval_full_s']:.1f}",
+            f"{row['peak_rss_mb']:.0f}",
+            f"{row['client_states_mb']:.1f}",
+        ]
+    assert rows[-1]["clients"] >= 1000 and rows[-1]["clients_evaluated_last"] == rows[-1]["clients"]
