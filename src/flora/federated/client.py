@@ -237,6 +237,36 @@ class ClientRunner:
             samples_seen=done.samples_seen,
         )
 
+    def train_share(
+        self,
+        client_ids: list[int],
+        round_idx: int,
+        global_state: StateDict,
+        client_batch: int,
+        train_one: Callable[[int, int], ClientResult],
+        done: Callable[[int], None],
+    ) -> list[ClientResult]:
+        """This rank's clients of a round: ``client_batch`` at a time where the method allows, else one by one.
+
+        ``train_one(client_id, round_idx)`` trains a single client (the trainer's hook);
+        ``done(client_id)`` is called after each client's turn.
+        """
+        from flora.federated.vectorised import train_together, why_sequential
+
+        if client_batch > 1 and len(client_ids) > 1 and why_sequential(self) is None:
+            results = []
+            for i in range(0, len(client_ids), client_batch):
+                chunk = client_ids[i : i + client_batch]
+                results += train_together(self, chunk, round_idx, global_state)
+                for cid in chunk:
+                    done(cid)
+            return results
+        results = []
+        for cid in client_ids:
+            results.append(train_one(cid, round_idx))
+            done(cid)
+        return results
+
     # ------------------------------------------------------------ evaluation
     @property
     def finetune_epochs(self) -> int:

@@ -72,6 +72,9 @@ class FederatedTrainer:
         optimizer_state: ``persist`` (each client keeps its own optimiser state
             across its turns) or ``reset`` (a fresh optimiser every turn). Never shared.
         state_store: ``memory`` or ``disk`` (under the run folder) for client states.
+        client_batch: train up to this many of a rank's clients together (their learned tensors
+            stacked, one text-tower call; :mod:`~flora.federated.vectorised`) where the method
+            declares it; 1 trains one client after the other. Results are the same either way.
         max_steps_per_round: cap on optimiser steps per client per round (None: no cap).
             Training only: evaluation fine-tuning (``eval_finetune_epochs`` of a method)
             always runs its full epochs.
@@ -108,6 +111,7 @@ class FederatedTrainer:
         optimizer_state: str = "persist",
         state_store: str = "memory",
         max_steps_per_round: int | None = None,
+        client_batch: int = 1,
         output_dir: str = "runs",
         name: str = "default",
         loggers: Sequence[str] = ("csv",),
@@ -126,6 +130,7 @@ class FederatedTrainer:
         check_range("trainer.eval_clients", eval_clients, low=1, allow_none=True)
         check_range("trainer.checkpoint_every", checkpoint_every, low=1)
         check_range("trainer.max_steps_per_round", max_steps_per_round, low=1, allow_none=True)
+        check_range("trainer.client_batch", client_batch, low=1)
         check_fabric_options(num_nodes=num_nodes, devices=devices, precision=precision)
         check_choice("trainer.optimizer_state", optimizer_state, ("persist", "reset"))
         check_choice("trainer.state_store", state_store, ("memory", "disk"))
@@ -144,7 +149,7 @@ class FederatedTrainer:
         self.eval_every, self.eval_before_training = eval_every, eval_before_training
         self.eval_clients = eval_clients
         self.optimizer_state, self.state_store = optimizer_state, state_store
-        self.max_steps_per_round = max_steps_per_round
+        self.max_steps_per_round, self.client_batch = max_steps_per_round, client_batch
         self.output_dir, self.name, self.overwrite = output_dir, name, overwrite
         self.loggers, self.wandb_project, self.progress = list(loggers), wandb_project, progress
         self.checkpoint_every = checkpoint_every
@@ -312,10 +317,14 @@ class FederatedTrainer:
         for phase in self.module.round_phases:
             self.module.phase = phase
             t1 = time.perf_counter()
-            mine = []
-            for cid in share:
-                mine.append(self._train_client(cid, round_idx))
-                reporter.client_done(cid)
+            mine = self.clients.train_share(
+                share,
+                round_idx,
+                self.global_state,
+                self.client_batch,
+                self._train_client,
+                reporter.client_done,
+            )
             n_trained += sum(r.samples_seen for r in mine)
             phase_results = sorted(gather(self.fabric, mine), key=lambda r: r.client_id)
             t2 = time.perf_counter()

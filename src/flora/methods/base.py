@@ -65,6 +65,9 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
 
     global_params: ClassVar[tuple[str, ...]] = ()
     local_params: ClassVar[tuple[str, ...]] = ()
+    #: clients can be trained together (``trainer.client_batch``): the class implements
+    #: :meth:`stacked_losses`; read from the class's own body, never inherited
+    vectorised: ClassVar[bool] = False
     #: which image features the method consumes: ``"global"`` (pooled), ``"patch"`` or ``"image"`` (raw)
     feature_kind: ClassVar[str] = "global"
     #: local epochs each client fine-tunes a throw-away copy of its model for before being evaluated
@@ -399,6 +402,16 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"ce": loss.detach()}
+
+    def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Training losses ``(K,)`` of K clients at once (:mod:`flora.federated.vectorised`).
+
+        ``params`` maps each trainable parameter's name to the K clients' values stacked
+        ``(K, ...)``; ``batches[k]`` is client k's batch. Client k's loss must equal
+        :meth:`compute_loss` with its values loaded. Methods with ``vectorised = True``
+        implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not train clients together")
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]

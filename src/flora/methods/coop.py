@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flora.methods.base import FederatedPromptModule
@@ -35,3 +38,12 @@ class CoOpModule(FederatedPromptModule):
 
     def text_features(self) -> Tensor:
         return self.backbone.encode_prompted(self.prompt.ctx, self._require_task())
+
+    def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Cross-entropy of K clients' contexts ``params["prompt.ctx"]`` ``(K, n_ctx, d_t)``: one text-tower call."""
+        text = self.backbone.encode_prompted(params["prompt.ctx"], self._require_task())
+        losses = [
+            F.cross_entropy(self.logits_from(self.image_side(self.image_features(x)), text[k]), y)
+            for k, (x, y) in enumerate(batches)
+        ]
+        return torch.stack(losses)

@@ -9,4 +9,5 @@ class PromptFL(CoOpModule):
     """PromptFL: one context trained with CE, uploaded every round and FedAvg'd. Nothing local."""
 
     display_name = "PromptFL"
+    vectorised = True  # trainer.client_batch trains its clients together (CoOpModule.stacked_losses)
     global_params = ("prompt",)

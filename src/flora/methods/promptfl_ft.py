@@ -17,6 +17,7 @@ class PromptFLFT(PromptFL):
     """
 
     display_name = "PromptFL+FT"
+    vectorised = True  # trainer.client_batch trains its clients together (CoOpModule.stacked_losses)
     personalised = True
 
     def __init__(self, *, ft_epochs: int = 1, **kwargs: Any) -> None:

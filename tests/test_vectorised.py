@@ -1,0 +1,146 @@
+"""Clients trained together (trainer.client_batch) give what training them one by one gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flora.data import FederatedDataModule
+from flora.federated import FederatedTrainer
+from flora.federated.vectorised import why_sequential
+from flora.methods import FLORA, LocalCoOp, PromptFL, PromptFLFT, PromptProx
+
+OPTS = dict(n_ctx=4, lr=0.01, clip_model="flora-tiny")
+
+
+def _fit(tmp: Path, root: Path, method: type, **kw: object) -> tuple[dict, list[dict], dict]:
+    args = dict(rounds=2, local_epochs=2, output_dir=str(tmp / "runs"), name="t", progress=False, seed=0)
+    summary = FederatedTrainer(**{**args, **kw}).fit(
+        method(**OPTS), FederatedDataModule(str(root), batch_size=8)
+    )
+    run = tmp / "runs" / "t"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    return summary, records, ckpt
+
+
+def _close(a: object, b: object, where: str) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            _close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, torch.Tensor):
+        # momentum buffers sum gradients that a logit scale of 100 makes sensitive to the float32
+        # reordering of a batched text tower (one client per call is bit-exact: test below)
+        if ".optim." in where:
+            assert float((a - b).norm() / a.norm().clamp_min(1e-12)) < 1e-3, where
+        else:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=where)
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-5), where
+    else:
+        assert a == b, where
+
+
+def test_stacked_losses_and_gradients_are_each_clients_own_in_float64() -> None:
+    module = PromptFL(**OPTS).double()
+    module.set_task([f"class {i}" for i in range(9)])
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(3, *module.prompt.ctx.shape, generator=gen, dtype=torch.float64) * 0.02
+    width = module.backbone.anchor_features(["x"]).shape[-1]
+    batches = [
+        (torch.randn(n, width, generator=gen, dtype=torch.float64), torch.randint(0, 9, (n,), generator=gen))
+        for n in (8, 5, 1)
+    ]
+    stacked = torch.nn.Parameter(ctx.clone())
+    losses = module.stacked_losses({"prompt.ctx": stacked}, batches)
+    losses.sum().backward()
+    for k, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            module.prompt.ctx.copy_(ctx[k])
+        module.zero_grad()
+        loss, _ = module.compute_loss(x, y)
+        loss.backward()
+        assert abs(float(loss) - float(losses[k])) < 1e-12
+        torch.testing.assert_close(stacked.grad[k], module.prompt.ctx.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", [PromptFL, LocalCoOp, PromptFLFT])
+def test_clients_trained_together_match_clients_trained_one_by_one(
+    tmp_path: Path, tiny_root: Path, method: type
+) -> None:
+    """4 clients of different sizes (so some run out of batches first), 2 epochs, persistent momentum."""
+    sizes = [c["num_train"] for c in json.loads((tiny_root / "manifest.json").read_text())["clients"]]
+    assert len(set(sizes)) > 1
+    one = _fit(tmp_path / "one", tiny_root, method)
+    together = _fit(tmp_path / "together", tiny_root, method, client_batch=4)
+    _close(one[2]["global_state"], together[2]["global_state"], "global_state")
+    _close(one[2]["clients"], together[2]["clients"], "client states")  # local tensors and momentum
+    for a, b in zip(one[1], together[1], strict=True):
+        for key in ("train_loss", "local_acc_mean", "local_acc_clients", "global_acc"):
+            if key in a:
+                _close(a[key], b[key], f"round {a['round']} {key}")
+
+
+def test_one_client_per_call_is_bit_exact(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacking, the shared optimiser, the idle-slice restore and the stored state add no error of their own."""
+    import flora.federated.vectorised as vectorised
+
+    together = vectorised.train_together
+    monkeypatch.setattr(
+        vectorised,
+        "train_together",
+        lambda runner, ids, r, g: [x for c in ids for x in together(runner, [c], r, g)],
+    )
+    one = _fit(tmp_path / "one", tiny_root, LocalCoOp, max_steps_per_round=3)
+    single = _fit(tmp_path / "single", tiny_root, LocalCoOp, max_steps_per_round=3, client_batch=4)
+    for cid, state in one[2]["clients"].items():
+        other = single[2]["clients"][cid]
+        assert torch.equal(state["local"]["prompt.ctx"], other["local"]["prompt.ctx"])
+        assert torch.equal(
+            state["optim"]["state"][0]["momentum_buffer"], other["optim"]["state"][0]["momentum_buffer"]
+        )
+        assert state["optim"]["param_groups"] == other["optim"]["param_groups"]
+
+
+def test_a_step_cap_and_a_batch_smaller_than_the_round_match_too(tmp_path: Path, tiny_root: Path) -> None:
+    """client_batch 3 over 4 clients (a batch of 3, then 1), at most 3 steps per client."""
+    one = _fit(tmp_path / "one", tiny_root, LocalCoOp, max_steps_per_round=3)
+    together = _fit(tmp_path / "together", tiny_root, LocalCoOp, max_steps_per_round=3, client_batch=3)
+    _close(one[2]["clients"], together[2]["clients"], "client states")
+    _close(one[1][-1]["local_acc_clients"], together[1][-1]["local_acc_clients"], "accuracy")
+
+
+def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    from flora.federated.client import ClientRunner
+
+    def reason(module: object, **dm: object) -> str | None:
+        data = FederatedDataModule(str(tiny_root), **dm)  # type: ignore[arg-type]
+        data.setup()
+        runner = ClientRunner.__new__(ClientRunner)
+        runner.module, runner.profile = module, False
+        runner.use_features = data.uses_feature_cache
+        return why_sequential(runner)
+
+    assert reason(PromptFL(**OPTS)) is None
+    # a subclass that changes the loss does not inherit the declaration
+    assert reason(PromptProx(**OPTS)) == "PromptProx does not declare vectorised training"
+    assert reason(FLORA(clip_model="flora-tiny")) == "FLORA does not declare vectorised training"
+    assert "feature cache is off" in str(reason(PromptFL(**OPTS), feature_cache="off"))
+    # and such a method trains exactly as with client_batch 1
+    one = _fit(tmp_path / "one", tiny_root, PromptProx, rounds=1)
+    batched = _fit(tmp_path / "b", tiny_root, PromptProx, rounds=1, client_batch=4)
+    assert torch.equal(one[2]["global_state"]["prompt.ctx"], batched[2]["global_state"]["prompt.ctx"])
+    with pytest.raises(Exception, match="trainer.client_batch must be >= 1, got 0"):
+        FederatedTrainer(client_batch=0)
