@@ -206,14 +206,31 @@ def test_results_state_convergence_and_the_comparisons_from_the_runs() -> None:
 
 def test_bench_speed_reports_phases(tmp_path: Path) -> None:
     result = run_speed(
-        str(tmp_path / "docs"), str(tmp_path / "work"), rounds=2, devices=[1], cfg=BenchConfig(**MINI)
+        str(tmp_path / "docs"),
+        str(tmp_path / "work"),
+        rounds=2,
+        devices=[1],
+        cfg=BenchConfig(**MINI),
+        client_batch=5,
+        together_methods=["PromptFL"],
     )
+    one, together = result["together"]
+    assert (one["client_batch"], together["client_batch"]) == (1, 5)
+    assert one["train_s"] > 0 and together["images_per_s"] > 0
+    runs = tmp_path / "work" / "runs"
+    final = [
+        json.loads((runs / f"speed-PromptFL-batch{b}" / "summary.json").read_text())["final"] for b in (1, 5)
+    ]
+    assert final[1]["local_acc_mean"] == pytest.approx(
+        final[0]["local_acc_mean"], abs=1e-4
+    )  # the same training
     rows = {r["feature_cache"]: r for r in result["rows"]}
     assert set(rows) == {"memory", "off"}
     assert rows["off"]["image_s"] > 0 and rows["memory"]["image_s"] == 0  # the cache skips the image tower
     for r in rows.values():
         assert r["text_s"] > 0 and r["optim_s"] > 0 and r["images_per_s"] > 0
-    assert "| memory | 1 |" in (tmp_path / "docs" / "performance.md").read_text()
+    text = (tmp_path / "docs" / "performance.md").read_text()
+    assert "| memory | 1 |" in text and "| PromptFL | 5 |" in text
 
 
 def test_probe_measures_zero_shot_linear_probe_and_coop(tmp_path: Path) -> None:

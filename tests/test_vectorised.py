@@ -11,20 +11,25 @@ import torch
 from flora.data import FederatedDataModule
 from flora.federated import FederatedTrainer
 from flora.federated.vectorised import why_sequential
-from flora.methods import FLORA, LocalCoOp, PromptFL, PromptFLFT, PromptProx
+from flora.methods import FLORA, FedOTP, FedPGP, LocalCoOp, PromptFL, PromptFLFT, PromptProx
 
 OPTS = dict(n_ctx=4, lr=0.01, clip_model="flora-tiny")
+RANKED = dict(rank=2)  # FedPGP, FLORA: rank <= n_ctx
 
 
 def _fit(tmp: Path, root: Path, method: type, **kw: object) -> tuple[dict, list[dict], dict]:
     args = dict(rounds=2, local_epochs=2, output_dir=str(tmp / "runs"), name="t", progress=False, seed=0)
-    summary = FederatedTrainer(**{**args, **kw}).fit(
-        method(**OPTS), FederatedDataModule(str(root), batch_size=8)
-    )
+    module = method(**_options(method))
+    summary = FederatedTrainer(**{**args, **kw}).fit(module, FederatedDataModule(str(root), batch_size=8))
     run = tmp / "runs" / "t"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     return summary, records, ckpt
+
+
+def _options(method: type) -> dict:
+    ranked = method in (FedPGP, FLORA) or getattr(method, "__name__", "").startswith("_flora")
+    return {**OPTS, **(RANKED if ranked else {})}
 
 
 def _close(a: object, b: object, where: str) -> None:
@@ -49,30 +54,40 @@ def _close(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
-def test_stacked_losses_and_gradients_are_each_clients_own_in_float64() -> None:
-    module = PromptFL(**OPTS).double()
+@pytest.mark.parametrize("method", [PromptFL, FLORA])
+def test_stacked_losses_and_gradients_are_each_clients_own_in_float64(method: type) -> None:
+    """Random values for every trainable tensor of 3 clients: the stacked pass is each client's own loss."""
+    module = method(**_options(method)).double()
     module.set_task([f"class {i}" for i in range(9)])
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randn(3, *module.prompt.ctx.shape, generator=gen, dtype=torch.float64) * 0.02
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert set(named) >= {"prompt.ctx"}
+    values = {n: torch.randn(3, *p.shape, generator=gen, dtype=torch.float64) * 0.1 for n, p in named.items()}
     width = module.backbone.anchor_features(["x"]).shape[-1]
     batches = [
         (torch.randn(n, width, generator=gen, dtype=torch.float64), torch.randint(0, 9, (n,), generator=gen))
         for n in (8, 5, 1)
     ]
-    stacked = torch.nn.Parameter(ctx.clone())
-    losses = module.stacked_losses({"prompt.ctx": stacked}, batches)
+    stacked = {n: torch.nn.Parameter(v.clone()) for n, v in values.items()}
+    losses = module.stacked_losses(stacked, batches)
     losses.sum().backward()
     for k, (x, y) in enumerate(batches):
         with torch.no_grad():
-            module.prompt.ctx.copy_(ctx[k])
+            for n, p in named.items():
+                p.copy_(values[n][k])
         module.zero_grad()
         loss, _ = module.compute_loss(x, y)
         loss.backward()
         assert abs(float(loss) - float(losses[k])) < 1e-12
-        torch.testing.assert_close(stacked.grad[k], module.prompt.ctx.grad, atol=1e-12, rtol=0)
+        for n, p in named.items():
+            torch.testing.assert_close(stacked[n].grad[k], p.grad, atol=1e-12, rtol=0, msg=n)
 
 
-@pytest.mark.parametrize("method", [PromptFL, LocalCoOp, PromptFLFT])
+def _flora_local_adapter(**kw: object) -> FLORA:
+    return FLORA(adapter="local", **kw)
+
+
+@pytest.mark.parametrize("method", [PromptFL, LocalCoOp, PromptFLFT, FedPGP, FLORA, _flora_local_adapter])
 def test_clients_trained_together_match_clients_trained_one_by_one(
     tmp_path: Path, tiny_root: Path, method: type
 ) -> None:
@@ -136,7 +151,7 @@ def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     assert reason(PromptFL(**OPTS)) is None
     # a subclass that changes the loss does not inherit the declaration
     assert reason(PromptProx(**OPTS)) == "PromptProx does not declare vectorised training"
-    assert reason(FLORA(clip_model="flora-tiny")) == "FLORA does not declare vectorised training"
+    assert reason(FedOTP(**OPTS)) == "FedOTP does not declare vectorised training"
     assert "feature cache is off" in str(reason(PromptFL(**OPTS), feature_cache="off"))
     # and such a method trains exactly as with client_batch 1
     one = _fit(tmp_path / "one", tiny_root, PromptProx, rounds=1)

@@ -21,10 +21,15 @@ def run_speed(
     devices: list[int] | None = None,
     precision: str = "32-true",
     cfg: BenchConfig | None = None,
+    client_batch: int = 10,
+    together_methods: list[str] | None = None,
 ) -> dict[str, Any]:
     """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s.
 
     Runs on the GPU when one is present (``precision`` e.g. ``bf16-mixed`` there), else on the CPU.
+    Then the training throughput of clients trained one by one against ``client_batch`` of
+    them together (``trainer.client_batch``; 1 leaves that part out), for ``together_methods``
+    (default: every method that declares it), in the same run.
     """
     from rich.console import Console
 
@@ -86,6 +91,9 @@ def run_speed(
                 f"cache {cache:6s} devices {n_dev}: {row['round_s']:.2f} s/round, {row['images_per_s']:.0f} img/s",
                 soft_wrap=True,
             )
+    together = []
+    if client_batch > 1:
+        together = _together(work, rounds, precision, cfg, client_batch, together_methods, console)
     result = {
         "command": "flora bench speed",
         "machine": machine(),
@@ -93,9 +101,60 @@ def run_speed(
         "rounds": rounds,
         "precision": precision,
         "rows": rows,
+        "together": together,
     }
     write_report(out_dir, "performance", result, _performance_markdown)
     return result
+
+
+def _together(
+    work: Path,
+    rounds: int,
+    precision: str,
+    cfg: BenchConfig,
+    client_batch: int,
+    methods: list[str] | None,
+    console: Any,
+) -> list[dict[str, Any]]:
+    """Training seconds per round and images/s, one client at a time vs ``client_batch`` together."""
+    from flora.methods import REGISTRY
+
+    if methods is None:
+        methods = [m for m, cls in REGISTRY.items() if vars(cls).get("vectorised", False)]
+    rows = []
+    for method in methods:
+        for batch in (1, client_batch):
+            name = f"speed-{method.replace('+', 'plus')}-batch{batch}"
+            trainer = FederatedTrainer(
+                rounds=rounds,
+                seed=0,
+                accelerator="cpu" if not torch.cuda.is_available() else "auto",
+                precision=precision,
+                client_batch=batch,
+                eval_every=rounds,
+                output_dir=str(work / "runs"),
+                name=name,
+                overwrite=True,
+                progress=False,
+                loggers=[],
+            )
+            trainer.fit(make_method(method, cfg), make_datamodule("label", 0, cfg, work))
+            history = [
+                json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
+            ]
+            steady = history[1:] or history  # round 1 also fills the feature cache
+            train_s = statistics.fmean(r["time_train_s"] for r in steady)
+            images = statistics.fmean(r["samples_trained_rank0"] for r in steady)
+            rows.append(
+                {
+                    "method": method,
+                    "client_batch": batch,
+                    "train_s": train_s,
+                    "images_per_s": images / train_s,
+                }
+            )
+            console.print(f"{method} client_batch {batch}: {train_s:.2f} s training/round", soft_wrap=True)
+    return rows
 
 
 def _performance_markdown(result: dict[str, Any]) -> str:
@@ -122,4 +181,22 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             f"{r['text_s']:.2f} | {r['optim_s']:.2f} | {r['aggregate_s']:.3f} | {r['eval_s']:.2f} | "
             f"{r['first_round_s']:.2f} | {r['images_per_s']:.0f} |"
         )
+    if result.get("together"):
+        base = {r["method"]: r["images_per_s"] for r in result["together"] if r["client_batch"] == 1}
+        lines += [
+            "",
+            "## Clients trained together",
+            "",
+            "`trainer.client_batch`: a round's clients (all 10 here, 1 device, feature cache in memory)",
+            "trained with their learned tensors stacked, one text-tower call per step, against one",
+            "client after the other, for every method that declares it; rounds 2.. of the same run.",
+            "",
+            "| method | client_batch | training s / round | images/s | vs one by one |",
+            "|---|---|---|---|---|",
+        ]
+        for r in result["together"]:
+            lines.append(
+                f"| {r['method']} | {r['client_batch']} | {r['train_s']:.2f} | {r['images_per_s']:.0f} | "
+                f"{r['images_per_s'] / base[r['method']]:.2f}x |"
+            )
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flora.errors import FloraConfigError
-from flora.methods.coop import CoOpModule
+from flora.methods.coop import CoOpModule, call_with
 from flora.methods.options import check_option
 from flora.prompts import LowRankTerm, pair_contrastive, rowwise_cos
 
@@ -23,6 +24,7 @@ class FedPGP(CoOpModule):
     """
 
     display_name = "FedPGP"
+    vectorised = True  # trainer.client_batch trains its clients together (stacked_losses)
     personalised = True
     global_params: tuple[str, ...] = ("prompt",)
     local_params: tuple[str, ...] = ("lowrank",)
@@ -81,6 +83,33 @@ class FedPGP(CoOpModule):
 
     def compute_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z_personal, z_global = self.personal_and_global_text()
+        return self.loss_from_text(x, y, z_personal, z_global)
+
+    def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """K clients' losses: every client's ``sigma + B A`` and ``sigma`` in one text-tower call.
+
+        The rest of each client's loss is :meth:`loss_from_text` with that client's tensors
+        in place of the module's (``torch.func.functional_call``).
+        """
+        ctx = params["prompt.ctx"]
+        personal = ctx + params["lowrank.B"] @ params["lowrank.A"]
+        z = self.backbone.encode_prompted(
+            torch.stack([personal, ctx], dim=1).flatten(0, 1), self._require_task()
+        )
+        z = z.unflatten(0, (len(batches), 2))
+        return torch.stack(
+            [
+                call_with(
+                    self, {n: t[k] for n, t in params.items()}, "loss_from_text", x, y, z[k, 0], z[k, 1]
+                )[0]
+                for k, (x, y) in enumerate(batches)
+            ]
+        )
+
+    def loss_from_text(
+        self, x: Tensor, y: Tensor, z_personal: Tensor, z_global: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and its parts given the personalised and global class features."""
         logits = self.logits_from(self.image_side(self.image_features(x)), z_personal)
         parts = {
             "ce": F.cross_entropy(logits, y),

@@ -25,6 +25,7 @@ class FLORA(FedPGP):
     """
 
     display_name = "FLORA"
+    vectorised = True  # trainer.client_batch trains its clients together (FedPGP.stacked_losses)
     orthonormal_init = True
 
     def __init__(
