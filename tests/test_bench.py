@@ -213,6 +213,7 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
         cfg=BenchConfig(**MINI),
         client_batch=5,
         together_methods=["PromptFL"],
+        step_steps=1,
     )
     one, together = result["together"]
     assert (one["client_batch"], together["client_batch"]) == (1, 5)
@@ -231,6 +232,28 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
         assert r["text_s"] > 0 and r["optim_s"] > 0 and r["images_per_s"] > 0
     text = (tmp_path / "docs" / "performance.md").read_text()
     assert "| memory | 1 |" in text and "| PromptFL | 5 |" in text
+    steps = {r["pattern"]: r["ms_per_step"] for r in result["step"]["rows"]}
+    assert set(steps) >= {"authors' pattern, fp32", "flora, cached features, fp32", "flora, raw images, fp32"}
+    assert "| authors' pattern, fp32 |" in text and "| flora, cached features, fp32 |" in text
+
+
+def test_the_authors_pattern_computes_flora_s_loss() -> None:
+    """The speed baseline does the authors' work (image tower, five full-length passes) for the same loss."""
+    from flora.bench.step import authors_loss
+    from flora.methods import FLORA
+
+    module = FLORA(clip_model="flora-tiny", n_ctx=6, rank=3)
+    names = [f"class {i}" for i in range(9)]
+    module.set_task(names)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (module.lowrank.A, module.prompt.ctx):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # random, so that every term matters
+    size = module.backbone.image_size
+    images, y = torch.randn(4, 3, size, size, generator=gen), torch.randint(0, 9, (4,), generator=gen)
+    assert float(authors_loss(module, images, y, names)) == pytest.approx(
+        float(module.compute_loss(images, y)[0]), abs=1e-5
+    )
 
 
 def test_probe_measures_zero_shot_linear_probe_and_coop(tmp_path: Path) -> None:
