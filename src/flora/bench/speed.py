@@ -51,26 +51,10 @@ def run_speed(
             dm = make_datamodule("label", 0, cfg, work)
             dm.cache.mode = cache
             name = f"speed-cache_{cache}-dev{n_dev}"
-            trainer = FederatedTrainer(
-                rounds=rounds,
-                seed=0,
-                accelerator="cpu" if not torch.cuda.is_available() else "auto",
-                devices=n_dev,
-                precision=precision,
-                strategy="ddp_spawn" if n_dev > 1 else "auto",
-                output_dir=str(work / "runs"),
-                name=name,
-                overwrite=True,
-                progress=False,
-                loggers=[],
-                profile=True,
-            )
             t0 = time.perf_counter()
-            trainer.fit(make_method("FLORA", cfg), dm)
+            options = {"devices": n_dev, "strategy": "ddp_spawn" if n_dev > 1 else "auto", "profile": True}
+            history = _fit(work, name, rounds, precision, make_method("FLORA", cfg), dm, **options)
             wall = time.perf_counter() - t0
-            history = [
-                json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
-            ]
             steady = history[1:] or history  # round 1 also fills the feature cache
 
             def mean(key: str, rows: list[dict[str, Any]] = steady) -> float:
@@ -121,6 +105,26 @@ def run_speed(
     return result
 
 
+def _fit(
+    work: Path, name: str, rounds: int, precision: str, module: Any, dm: Any, **options: Any
+) -> list[dict[str, Any]]:
+    """One speed run (on the GPU when there is one) under ``work/runs/name``; its round records."""
+    trainer = FederatedTrainer(
+        rounds=rounds,
+        seed=0,
+        accelerator="cpu" if not torch.cuda.is_available() else "auto",
+        precision=precision,
+        output_dir=str(work / "runs"),
+        name=name,
+        overwrite=True,
+        progress=False,
+        loggers=[],
+        **options,
+    )
+    trainer.fit(module, dm)
+    return [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
 def _together(
     work: Path,
     rounds: int,
@@ -139,23 +143,9 @@ def _together(
     for method in methods:
         for batch in (1, client_batch):
             name = f"speed-{method.replace('+', 'plus')}-batch{batch}"
-            trainer = FederatedTrainer(
-                rounds=rounds,
-                seed=0,
-                accelerator="cpu" if not torch.cuda.is_available() else "auto",
-                precision=precision,
-                client_batch=batch,
-                eval_every=rounds,
-                output_dir=str(work / "runs"),
-                name=name,
-                overwrite=True,
-                progress=False,
-                loggers=[],
-            )
-            trainer.fit(make_method(method, cfg), make_datamodule("label", 0, cfg, work))
-            history = [
-                json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
-            ]
+            dm = make_datamodule("label", 0, cfg, work)
+            options = {"client_batch": batch, "eval_every": rounds}
+            history = _fit(work, name, rounds, precision, make_method(method, cfg), dm, **options)
             steady = history[1:] or history  # round 1 also fills the feature cache
             train_s = statistics.fmean(r["time_train_s"] for r in steady)
             images = statistics.fmean(r["samples_trained_rank0"] for r in steady)
