@@ -148,7 +148,9 @@ def run_scaling(
         rounds: rounds per run (the last evaluates every client with test samples).
         eval_clients: clients in each intermediate (sampled) evaluation.
         client_fraction: fraction of the clients trained per round.
-        train_per_class, test_per_class: training and test images per class (100 classes).
+        train_per_class: training images per class (100 classes).
+        test_per_class: test images per class (as many as training images: each client's
+            matched test split mirrors its training split).
     """
     from rich.console import Console
 

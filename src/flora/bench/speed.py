@@ -36,6 +36,20 @@ def run_speed(
     on ``step_model`` (batch 32, 100 classes, n_ctx 16, rank 8; ``step_pretrained`` None: a
     random initialisation) as flora computes it and as the authors' code does
     (:mod:`flora.bench.step`), median of ``step_steps`` steps (0 leaves it out).
+
+    Args:
+        out_dir: where ``performance.md`` and ``performance.json`` go.
+        work_dir: data and runs of the benchmark.
+        rounds: rounds per run (the tables average rounds 2..).
+        devices: device counts of the time-split table (default 1 and 2).
+        precision: e.g. ``bf16-mixed`` on a GPU.
+        cfg: the benchmark settings (world, n_ctx, rank, lr, ...).
+        client_batch: clients trained together in the comparison (1: leave it out).
+        together_methods: methods of that comparison (default: every method that declares it).
+        step_model: open_clip model of the client-step comparison (e.g. ``ViT-B-16``).
+        step_pretrained: its weights (``shipped`` for flora-tiny, an open_clip tag, a file, or
+            null for a seeded random initialisation).
+        step_steps: timed steps per pattern (0: leave the comparison out).
     """
     from rich.console import Console
 

@@ -43,7 +43,7 @@ def _anchor_full_length(module: FLORA, class_names: list[str]) -> Tensor:
     backbone = module.backbone
     tokens = backbone.tokenize([module.template.format(n) for n in class_names]).to(module.anchor.device)
     x = run_transformer(backbone._text, backbone.embed_tokens(tokens))
-    pooled = backbone._text["ln_final"](x[torch.arange(len(tokens)), tokens.argmax(-1)])
+    pooled = backbone._text["ln_final"](x[torch.arange(len(tokens), device=x.device), tokens.argmax(-1)])
     proj = backbone._text["text_projection"]
     return F.normalize(pooled @ proj if isinstance(proj, Tensor) else proj(pooled), dim=-1)
 
