@@ -223,6 +223,35 @@ def test_initialise_and_train_on_cuda(cls: type[FederatedPromptModule]) -> None:
     assert torch.isfinite(logits).all()
 
 
+VECTORISED = [c for c in METHODS if vars(c).get("vectorised", False)]
+_DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("cls", VECTORISED, ids=lambda c: c.__name__)
+def test_clients_trained_together_off_the_cpu(cls: type[FederatedPromptModule], device: str) -> None:
+    """``stacked_losses`` (trainer.client_batch) with every tensor on the device: 2 clients, cached features."""
+    assert {c.__name__ for c in VECTORISED} >= {"PromptFL", "LocalCoOp", "FedPGP", "FLORA"}
+    m = _build(cls)
+    with _params_keep_identity():
+        m.to(device)
+    width = m.anchor.shape[-1]
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.rand(n, width, generator=g).to(device), torch.tensor([0, 1, 2][:n], device=device))
+        for n in (3, 2)
+    ]
+    named = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    stacked = {n: nn.Parameter(torch.stack([p.detach(), p.detach()])) for n, p in named.items()}
+    m.train()
+    with GeneratorDeviceGuard(fake_meta_scalars=device == "meta"):
+        losses = m.stacked_losses(stacked, batches)
+        assert losses.shape == (2,) and losses.device.type == device
+        losses.sum().backward()
+    for n, t in stacked.items():
+        assert t.grad is not None and t.grad.device.type == device, n
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["zero-shot", "Local", "PromptFL", "FedOTP", "pFedMoAP", "FLORA"])
 def test_federated_fit_on_cuda_under_bf16_mixed(name: str, tmp_path) -> None:
