@@ -14,23 +14,6 @@ from flora.methods.options import check_context_options
 from flora.prompts import PromptContext
 
 
-class _Method(torch.nn.Module):
-    """Calls one method of a module as ``forward``, so that ``torch.func.functional_call`` can run it."""
-
-    def __init__(self, module: torch.nn.Module, name: str) -> None:
-        super().__init__()
-        self.m = module
-        self.name = name
-
-    def forward(self, *args: Any) -> Any:
-        return getattr(self.m, self.name)(*args)
-
-
-def call_with(module: torch.nn.Module, tensors: dict[str, Tensor], name: str, *args: Any) -> Any:
-    """``module.<name>(*args)`` with ``tensors`` (parameter name -> value) in place of its own parameters."""
-    return torch.func.functional_call(_Method(module, name), {f"m.{n}": t for n, t in tensors.items()}, args)
-
-
 class CoOpModule(FederatedPromptModule):
     """A CoOp prompt learner: context ``P`` (``n_ctx x d_t``, N(0, ``ctx_init_std``)) before the class name.
 

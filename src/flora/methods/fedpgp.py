@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flora.errors import FloraConfigError
-from flora.methods.coop import CoOpModule, call_with
+from flora.methods.coop import CoOpModule
 from flora.methods.options import check_option
 from flora.prompts import LowRankTerm, pair_contrastive, rowwise_cos
 
@@ -86,25 +86,41 @@ class FedPGP(CoOpModule):
         return self.loss_from_text(x, y, z_personal, z_global)
 
     def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """K clients' losses: every client's ``sigma + B A`` and ``sigma`` in one text-tower call.
+        """K clients' losses in batched operations: one text-tower call for every ``sigma + B A`` and ``sigma``.
 
-        The rest of each client's loss is :meth:`loss_from_text` with that client's tensors
-        in place of the module's (``torch.func.functional_call``).
+        The batches are padded to the largest one; padded rows count in no loss. Each part
+        (cross-entropy, contrastive term, :meth:`stacked_regularisers`) is that of
+        :meth:`compute_loss` per client.
         """
+        k = len(batches)
         ctx = params["prompt.ctx"]
         personal = ctx + params["lowrank.B"] @ params["lowrank.A"]
         z = self.backbone.encode_prompted(
             torch.stack([personal, ctx], dim=1).flatten(0, 1), self._require_task()
         )
-        z = z.unflatten(0, (len(batches), 2))
-        return torch.stack(
-            [
-                call_with(
-                    self, {n: t[k] for n, t in params.items()}, "loss_from_text", x, y, z[k, 0], z[k, 1]
-                )[0]
-                for k, (x, y) in enumerate(batches)
-            ]
-        )
+        z = z.unflatten(0, (k, 2))
+        z_personal, z_global = z[:, 0], z[:, 1]
+        feats = [self.image_features(x) for x, _ in batches]
+        sizes = torch.tensor([len(f) for f in feats], device=ctx.device)
+        padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)  # (K, B_max, d)
+        labels = torch.nn.utils.rnn.pad_sequence([y for _, y in batches], batch_first=True)
+        valid = torch.arange(padded.shape[1], device=ctx.device) < sizes[:, None]
+        img = self.stacked_image_side(params, padded)
+        logits = self.backbone.logit_scale * img @ z_personal.to(img.dtype).transpose(-1, -2)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(k, -1)
+        ce = (ce * valid).sum(1) / sizes
+        anchor = self.anchor.to(z_global.dtype)
+        pos, neg = rowwise_cos(anchor, z_global), self.negative_similarity(z_global, z_personal)
+        con = -torch.log_softmax(torch.stack([pos, neg], dim=-1) / self.tau, dim=-1)[..., 0].mean(-1)
+        return ce.float() + (self.mu * con).float() + self.stacked_regularisers(params)
+
+    def stacked_image_side(self, params: dict[str, Tensor], feats: Tensor) -> Tensor:
+        """:meth:`image_side` of K clients at once, ``feats`` ``(K, B, d)`` (no learned image side here)."""
+        return F.normalize(feats.float(), dim=-1)
+
+    def stacked_regularisers(self, params: dict[str, Tensor]) -> Tensor:
+        """The sum of :meth:`regularisers` per client ``(K,)`` (none here)."""
+        return torch.zeros(params["prompt.ctx"].shape[0], device=params["prompt.ctx"].device)
 
     def loss_from_text(
         self, x: Tensor, y: Tensor, z_personal: Tensor, z_global: Tensor

@@ -25,7 +25,9 @@ class FLORA(FedPGP):
     """
 
     display_name = "FLORA"
-    vectorised = True  # trainer.client_batch trains its clients together (FedPGP.stacked_losses)
+    vectorised = (
+        True  # trainer.client_batch trains its clients together (FedPGP.stacked_losses and the two below)
+    )
     orthonormal_init = True
 
     def __init__(
@@ -58,6 +60,24 @@ class FLORA(FedPGP):
         if not use_adapter:
             return F.normalize(feats.float(), dim=-1)
         return self.adapter(feats.to(self.adapter.fc1.weight.dtype))
+
+    def stacked_image_side(self, params: dict[str, Tensor], feats: Tensor) -> Tensor:
+        """The adapter of K clients at once on ``feats`` ``(K, B, d)``, each with its own weights."""
+        if self.adapter is None:
+            return F.normalize(feats.float(), dim=-1)
+        w1, b1 = params["adapter.fc1.weight"], params["adapter.fc1.bias"]
+        w2, b2 = params["adapter.fc2.weight"], params["adapter.fc2.bias"]
+        f = feats.to(w1.dtype)
+        hidden = F.relu(torch.baddbmm(b1.unsqueeze(1), f, w1.transpose(-1, -2)))
+        gate = torch.softmax(torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(-1, -2)), dim=-1)
+        return F.normalize(gate * f, dim=-1)
+
+    def stacked_regularisers(self, params: dict[str, Tensor]) -> Tensor:
+        B, A = params["lowrank.B"], params["lowrank.A"]
+        l2 = self.l2_weight * (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B))
+        eye = torch.eye(B.shape[-1], device=B.device, dtype=B.dtype)
+        ortho = self.ortho_weight * torch.linalg.matrix_norm(B.transpose(-1, -2) @ B - eye, ord="fro")
+        return l2.float() + ortho.float()
 
     def negative_similarity(self, z_global: Tensor, z_personal: Tensor) -> Tensor:
         """FLORA anchors the negative pair on CLIP: ``cos(z0, zP)``."""
