@@ -97,7 +97,7 @@ def test_shipped_generator_is_small_and_its_images_carry_class_signal() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3600)  # 2,253-2,703 s measured on 2 cores
 def test_shipped_generator_matches_the_command(tmp_path: Path) -> None:
     """`flora pretrain-generator` with its defaults reproduces the shipped tensors bit for bit."""
     report = pretrain_generator(tmp_path / "g", GeneratorPretrainConfig(), progress=False)
