@@ -486,3 +486,19 @@ def test_scaling_doc_quotes_the_bench_it_names() -> None:
             f"{row['client_states_mb']:.1f}",
         ]
     assert rows[-1]["clients"] >= 1000 and rows[-1]["clients_evaluated_last"] == rows[-1]["clients"]
+
+
+def test_bench_scaling_names_a_failed_size_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An impossible federation (500 clients of 100 images) stops the bench with the child's error and its log."""
+    from flora.cli import main
+
+    args = ["bench", "scaling", "--out_dir", str(tmp_path / "docs"), "--work_dir", str(tmp_path / "w")]
+    assert main(args + ["--clients", "[500]", "--train_per_class", "1", "--test_per_class", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "preparing 500 clients failed (exit 1): flora: error: Dirichlet(alpha=1.0) cannot give" in err
+    log = tmp_path / "w" / "logs" / "prepare-500.log"
+    assert f"(output: {log})" in err and "cannot give each of 500 clients" in log.read_text()
+    assert not (tmp_path / "docs" / "scaling-bench.json").exists()  # no report from a failed bench

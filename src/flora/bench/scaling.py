@@ -22,6 +22,7 @@ import yaml
 
 from flora.bench.accuracy import _save_png
 from flora.bench.common import machine, weights_digest, write_report
+from flora.errors import FloraRunError
 from flora.methods import REGISTRY
 
 #: the world every federation size splits: 100 classes (10 colours x 10 shapes), photo style; as
@@ -77,13 +78,21 @@ def scaling_config(
     }
 
 
-def _flora(args: list[str], what: str) -> float:
-    """Run ``python -m flora ARGS`` in its own process; its wall time, or an error with its last output lines."""
+def _flora(args: list[str], what: str, log: Path) -> float:
+    """Run ``python -m flora ARGS`` in its own process (output kept in ``log``); its wall time.
+
+    A failure is one line: the child's last line and where its whole output is.
+    """
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flora", *args], capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"flora bench scaling: {what} failed (exit {proc.returncode}):\n{tail}")
+        lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
+        last = next((x for x in reversed(lines) if x.startswith("flora: error:")), lines[-1])
+        raise FloraRunError(
+            f"flora bench scaling: {what} failed (exit {proc.returncode}): {last.strip()} (output: {log})"
+        )
     return time.perf_counter() - t0
 
 
@@ -97,8 +106,15 @@ def measure(num_clients: int, work: Path, **options: Any) -> dict[str, Any]:
     path = work / "configs" / f"clients{num_clients}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    prepare_s = _flora(["prepare", "--config", str(path)], f"preparing {num_clients} clients")
-    fit_s = _flora(["fit", "--config", str(path)], f"training {num_clients} clients")
+    logs = work / "logs"
+    prepare_s = _flora(
+        ["prepare", "--config", str(path)],
+        f"preparing {num_clients} clients",
+        logs / f"prepare-{num_clients}.log",
+    )
+    fit_s = _flora(
+        ["fit", "--config", str(path)], f"training {num_clients} clients", logs / f"fit-{num_clients}.log"
+    )
     run = Path(cfg["trainer"]["output_dir"]) / cfg["trainer"]["name"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
