@@ -48,6 +48,64 @@ def test_truncation_is_exact(backbone: CLIPBackbone) -> None:
     torch.testing.assert_close(truncated, full, atol=1e-5, rtol=0)
 
 
+def test_last_block_run_at_eot_only_equals_the_full_pass_in_float64() -> None:
+    """The last block attending from EOT alone gives the full pass's features and gradients."""
+    from flora.clip.backbone import _poolable, run_text_tower
+
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0)
+    parts = {
+        k: v.double() if isinstance(v, torch.nn.Module | torch.Tensor) else v
+        for k, v in backbone._text.items()
+    }
+    prompts = backbone.build_class_prompts(NAMES, 4)  # names of different lengths: EOTs differ
+    assert len(set(prompts.eot.tolist())) > 1
+    x = torch.cat(
+        [
+            prompts.prefix.double(),
+            torch.randn(len(NAMES), 4, backbone.token_width, dtype=torch.float64) * 0.1,
+            prompts.suffix.double(),
+        ],
+        dim=1,
+    ).requires_grad_()
+    outs = {}
+    for pool in (True, False):
+        feats = run_text_tower(parts, x, prompts.eot, pool_last=pool)
+        weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        outs[pool] = (feats.detach(), torch.autograd.grad((feats * weights).sum(), x)[0])
+    assert _poolable(parts["transformer"], parts["transformer"].resblocks[-1])
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=1e-12, rtol=0)
+    assert outs[True][1].abs().max() > 1e-3  # gradients reach the context
+    parts["transformer"].grad_checkpointing = True  # a block run another way is run whole
+    assert not _poolable(parts["transformer"], parts["transformer"].resblocks[-1])
+
+
+def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path) -> None:
+    import copy
+
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0)
+    prompts = backbone.build_class_prompts(NAMES, 4)
+    ctx = torch.randn(2, 4, backbone.token_width, generator=torch.Generator().manual_seed(0)) * 0.1
+    weights = torch.randn(2, len(NAMES), backbone.embed_dim, generator=torch.Generator().manual_seed(1))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    out = {}
+    for compiled in (False, True):
+        backbone.compile_text(compiled)
+        c = ctx.clone().requires_grad_()
+        feats = backbone.encode_prompted(c, prompts)
+        out[compiled] = (feats.detach(), torch.autograd.grad((feats * weights).sum(), c)[0])
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled tower ran
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-4)
+    # a copy (as a spawned process or a checkpointing user makes) runs eagerly, and pickles
+    assert copy.deepcopy(backbone)._compiled_text is None
+    torch.save(backbone, tmp_path / "b.pt")
+    backbone.compile_text(False)
+    assert backbone._compiled_text is None
+
+
 def test_batched_variants_match_single_calls(backbone: CLIPBackbone) -> None:
     prompts = backbone.build_class_prompts(NAMES, 4)
     ctx = torch.randn(3, 4, backbone.token_width) * 0.02

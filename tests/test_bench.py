@@ -213,18 +213,20 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
         cfg=BenchConfig(**MINI),
         client_batch=5,
         together_methods=["PromptFL"],
+        compile_methods=["PromptFL"],
         step_steps=1,
     )
-    one, together = result["together"]
-    assert (one["client_batch"], together["client_batch"]) == (1, 5)
+    one, together, compiled = result["together"]
+    assert (one["client_batch"], together["client_batch"], compiled["client_batch"]) == (1, 5, 1)
+    assert (one["compiled"], together["compiled"], compiled["compiled"]) == (False, False, True)
     assert one["train_s"] > 0 and together["images_per_s"] > 0
     runs = tmp_path / "work" / "runs"
     final = [
-        json.loads((runs / f"speed-PromptFL-batch{b}" / "summary.json").read_text())["final"] for b in (1, 5)
+        json.loads((runs / f"speed-PromptFL-{run}" / "summary.json").read_text())["final"]
+        for run in ("batch1", "batch5", "batch1-compiled")
     ]
-    assert final[1]["local_acc_mean"] == pytest.approx(
-        final[0]["local_acc_mean"], abs=1e-4
-    )  # the same training
+    for other in final[1:]:  # the same training: stacked, and with the compiled text tower
+        assert other["local_acc_mean"] == pytest.approx(final[0]["local_acc_mean"], abs=1e-4)
     rows = {r["feature_cache"]: r for r in result["rows"]}
     assert set(rows) == {"memory", "off"}
     assert rows["off"]["image_s"] > 0 and rows["memory"]["image_s"] == 0  # the cache skips the image tower
@@ -235,6 +237,8 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
     steps = {r["pattern"]: r["ms_per_step"] for r in result["step"]["rows"]}
     assert set(steps) >= {"authors' pattern, fp32", "flora, cached features, fp32", "flora, raw images, fp32"}
     assert "| authors' pattern, fp32 |" in text and "| flora, cached features, fp32 |" in text
+    assert not any("compiled" in pattern for pattern in steps)  # FLORA is not among compile_methods
+    assert "| PromptFL | 1 | compiled |" in text
 
 
 def test_the_authors_pattern_computes_flora_s_loss() -> None:

@@ -176,6 +176,8 @@ def test_offline_run_file_holds_config_metrics_and_summary(
             )
         elif kind == "run":
             assert r.run.run_group == "sweep7"  # the sweep id groups the runs
+            # wandb folds a config update that comes before the run record is written into it
+            config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
     # the resolved config, sampled values included
     init = config["model"]["init_args"]
     assert (init["mu"], init["rank"], init["lr"]) == (0.37, 1, 0.02)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flora.data import FederatedDataModule
+from flora.errors import FloraConfigWarning
 from flora.federated import FederatedTrainer
 from flora.federated.vectorised import why_sequential
 from flora.methods import FLORA, FedOTP, FedPGP, LocalCoOp, PromptFL, PromptFLFT, PromptProx
@@ -161,7 +162,10 @@ def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     assert "feature cache is off" in str(reason(PromptFL(**OPTS), feature_cache="off"))
     # and such a method trains exactly as with client_batch 1
     one = _fit(tmp_path / "one", tiny_root, PromptProx, rounds=1)
-    batched = _fit(tmp_path / "b", tiny_root, PromptProx, rounds=1, client_batch=4)
+    with pytest.warns(
+        FloraConfigWarning, match=r"client_batch=4 has no effect: .*PromptProx does not declare"
+    ):
+        batched = _fit(tmp_path / "b", tiny_root, PromptProx, rounds=1, client_batch=4)
     assert torch.equal(one[2]["global_state"]["prompt.ctx"], batched[2]["global_state"]["prompt.ctx"])
     with pytest.raises(Exception, match="trainer.client_batch must be >= 1, got 0"):
         FederatedTrainer(client_batch=0)

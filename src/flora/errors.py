@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "FloraConfigError",
     "FloraDataError",
+    "FloraConfigWarning",
     "FloraDataWarning",
     "FloraRunError",
     "check_choice",
@@ -30,6 +31,10 @@ class FloraDataError(RuntimeError):
 
 class FloraDataWarning(UserWarning):
     """Data that works but not as a user may expect (e.g. clients without test samples, which are not evaluated)."""
+
+
+class FloraConfigWarning(UserWarning):
+    """An option that cannot take effect for this method or setup (e.g. ``client_batch`` on a method that trains one client at a time)."""
 
 
 class FloraConfigError(ValueError):

@@ -26,6 +26,7 @@ def run_speed(
     step_model: str = "flora-tiny",
     step_pretrained: str | None = "shipped",
     step_steps: int = 5,
+    compile_methods: list[str] | None = None,
 ) -> dict[str, Any]:
     """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s.
 
@@ -35,7 +36,10 @@ def run_speed(
     (default: every method that declares it), in the same run. Last, one FLORA client step
     on ``step_model`` (batch 32, 100 classes, n_ctx 16, rank 8; ``step_pretrained`` None: a
     random initialisation) as flora computes it and as the authors' code does
-    (:mod:`flora.bench.step`), median of ``step_steps`` steps (0 leaves it out).
+    (:mod:`flora.bench.step`), median of ``step_steps`` steps (0 leaves it out). Where
+    ``compile_methods`` is not empty, those methods' one-by-one runs (and, with FLORA among
+    them, flora's step) are also timed with the text tower through ``torch.compile``
+    (``trainer.compile_text``).
 
     Args:
         out_dir: where ``performance.md`` and ``performance.json`` go.
@@ -50,12 +54,15 @@ def run_speed(
         step_pretrained: its weights (``shipped`` for flora-tiny, an open_clip tag, a file, or
             null for a seeded random initialisation).
         step_steps: timed steps per pattern (0: leave the comparison out).
+        compile_methods: methods also run with a compiled text tower (default ``["FLORA"]``;
+            ``[]``: nothing is compiled).
     """
     from rich.console import Console
 
     console = Console(highlight=False)
     devices = devices or [1, 2]
     cfg = cfg or BenchConfig()
+    compile_methods = ["FLORA"] if compile_methods is None else compile_methods
     cfg.rounds = rounds
     work = Path(work_dir)
     rows = []
@@ -97,12 +104,16 @@ def run_speed(
             )
     together = []
     if client_batch > 1:
-        together = _together(work, rounds, precision, cfg, client_batch, together_methods, console)
+        together = _together(
+            work, rounds, precision, cfg, client_batch, together_methods, compile_methods, console
+        )
     step = None
     if step_steps > 0:
         from flora.bench.step import run_step_bench
 
-        step = run_step_bench(step_model, step_pretrained, steps=step_steps)
+        step = run_step_bench(
+            step_model, step_pretrained, steps=step_steps, compiled="FLORA" in compile_methods
+        )
         for row in step["rows"]:
             console.print(f"step: {row['pattern']}: {row['ms_per_step']:.1f} ms", soft_wrap=True)
     result = {
@@ -146,19 +157,24 @@ def _together(
     cfg: BenchConfig,
     client_batch: int,
     methods: list[str] | None,
+    compile_methods: list[str],
     console: Any,
 ) -> list[dict[str, Any]]:
-    """Training seconds per round and images/s, one client at a time vs ``client_batch`` together."""
+    """Training seconds per round and images/s, one client at a time vs ``client_batch`` together.
+
+    ``compile_methods`` are also run one by one with the text tower compiled.
+    """
     from flora.methods import REGISTRY
 
     if methods is None:
         methods = [m for m, cls in REGISTRY.items() if vars(cls).get("vectorised", False)]
     rows = []
     for method in methods:
-        for batch in (1, client_batch):
-            name = f"speed-{method.replace('+', 'plus')}-batch{batch}"
+        variants = [(1, False), (client_batch, False)] + ([(1, True)] if method in compile_methods else [])
+        for batch, compiled in variants:
+            name = f"speed-{method.replace('+', 'plus')}-batch{batch}{'-compiled' if compiled else ''}"
             dm = make_datamodule("label", 0, cfg, work)
-            options = {"client_batch": batch, "eval_every": rounds}
+            options = {"client_batch": batch, "eval_every": rounds, "compile_text": compiled}
             history = _fit(work, name, rounds, precision, make_method(method, cfg), dm, **options)
             steady = history[1:] or history  # round 1 also fills the feature cache
             train_s = statistics.fmean(r["time_train_s"] for r in steady)
@@ -167,11 +183,16 @@ def _together(
                 {
                     "method": method,
                     "client_batch": batch,
+                    "compiled": compiled,
                     "train_s": train_s,
+                    "first_train_s": history[0]["time_train_s"],
                     "images_per_s": images / train_s,
                 }
             )
-            console.print(f"{method} client_batch {batch}: {train_s:.2f} s training/round", soft_wrap=True)
+            console.print(
+                f"{method} client_batch {batch}{' compiled' if compiled else ''}: {train_s:.2f} s training/round",
+                soft_wrap=True,
+            )
     return rows
 
 
@@ -200,7 +221,11 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             f"{r['first_round_s']:.2f} | {r['images_per_s']:.0f} |"
         )
     if result.get("together"):
-        base = {r["method"]: r["images_per_s"] for r in result["together"] if r["client_batch"] == 1}
+        base = {
+            r["method"]: r["images_per_s"]
+            for r in result["together"]
+            if r["client_batch"] == 1 and not r.get("compiled")
+        }
         lines += [
             "",
             "## Clients trained together",
@@ -208,14 +233,18 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             "`trainer.client_batch`: a round's clients (all 10 here, 1 device, feature cache in memory)",
             "trained with their learned tensors stacked, one text-tower call per step, against one",
             "client after the other, for every method that declares it; rounds 2.. of the same run.",
+            "A compiled text tower (`trainer.compile_text`) compiles during round 1 (its training time is",
+            "the first-round column) and runs compiled from then on.",
             "",
-            "| method | client_batch | training s / round | images/s | vs one by one |",
-            "|---|---|---|---|---|",
+            "| method | client_batch | text tower | training s / round | images/s | vs one by one | round 1 training s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["together"]:
+            tower = "compiled" if r.get("compiled") else "eager"
+            first = f"{r['first_train_s']:.2f}" if "first_train_s" in r else "-"
             lines.append(
-                f"| {r['method']} | {r['client_batch']} | {r['train_s']:.2f} | {r['images_per_s']:.0f} | "
-                f"{r['images_per_s'] / base[r['method']]:.2f}x |"
+                f"| {r['method']} | {r['client_batch']} | {tower} | {r['train_s']:.2f} | {r['images_per_s']:.0f} | "
+                f"{r['images_per_s'] / base[r['method']]:.2f}x | {first} |"
             )
     if result.get("step"):
         st = result["step"]
@@ -240,9 +269,14 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             "the loss); flora runs one truncated pass over sigma and sigma + BA, on cached features or on the",
             "raw images. Both compute the same loss (`flora.bench.step`).",
             "",
-            f"| step | ms / step | speed-up over the authors' pattern ({ref_name}) |",
-            "|---|---|---|",
+            "A compiled row runs the text tower through `torch.compile`; its first call compiles.",
+            "",
+            f"| step | ms / step | speed-up over the authors' pattern ({ref_name}) | first call ms |",
+            "|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['pattern']} | {r['ms_per_step']:.1f} | {reference / r['ms_per_step']:.1f}x |")
+            first = f"{r['first_ms']:.0f}" if "first_ms" in r else "-"
+            lines.append(
+                f"| {r['pattern']} | {r['ms_per_step']:.1f} | {reference / r['ms_per_step']:.1f}x | {first} |"
+            )
     return "\n".join(lines) + "\n"

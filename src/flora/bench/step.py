@@ -34,7 +34,8 @@ def _full_length(module: FLORA, ctx: Tensor) -> Tensor:
     full = backbone.context_length
     pad = backbone.embed_tokens(torch.zeros(n_cls, full - x.shape[1], dtype=torch.long))
     return F.normalize(
-        run_text_tower(backbone._text, torch.cat([x, pad.to(x.dtype)], dim=1), prompts.eot), dim=-1
+        run_text_tower(backbone._text, torch.cat([x, pad.to(x.dtype)], dim=1), prompts.eot, pool_last=False),
+        dim=-1,
     )
 
 
@@ -69,20 +70,24 @@ def authors_loss(module: FLORA, images: Tensor, y: Tensor, class_names: list[str
     return loss + sum(module.regularisers().values())
 
 
-def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
-    """Median milliseconds of ``step`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
+def _time_steps(
+    step: Callable[[], None], device: torch.device, warmup: int, steps: int
+) -> tuple[float, float]:
+    """Median milliseconds of ``step`` after ``warmup`` untimed calls, and milliseconds of the first call."""
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        return 1000 * (time.perf_counter() - t0)
+
+    first = timed()
+    for _ in range(warmup - 1):
+        step()
+    return statistics.median(timed() for _ in range(steps)), first
 
 
 def run_step_bench(
@@ -94,8 +99,13 @@ def run_step_bench(
     rank: int = 8,
     warmup: int = 2,
     steps: int = 5,
+    compiled: bool = True,
 ) -> dict[str, Any]:
-    """Milliseconds per FLORA client step: the authors' pattern against flora's, on one model and device."""
+    """Milliseconds per FLORA client step: the authors' pattern against flora's, on one model and device.
+
+    ``compiled`` adds flora's cached-feature steps with the text tower through ``torch.compile``.
+    Every row also has the first call's milliseconds (``first_ms``; for a compiled row, the compilation).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = FLORA(clip_model=clip_model, clip_pretrained=clip_pretrained, n_ctx=n_ctx, rank=rank).to(device)
     class_names = [f"class {i}" for i in range(num_classes)]
@@ -138,10 +148,20 @@ def run_step_bench(
             lambda: module.compute_loss(images, y)[0],
             torch.bfloat16,
         )
-    rows = [
-        {"pattern": name, "ms_per_step": _time_steps(runner(fn, dtype), device, warmup, steps)}
-        for name, (fn, dtype) in patterns.items()
-    ]
+    flora_patterns = [name for name in patterns if name.startswith("flora, cached")]
+    rows = []
+    for name, (fn, dtype) in patterns.items():
+        median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
+        rows.append({"pattern": name, "ms_per_step": median, "first_ms": first})
+    if compiled:  # the same steps with the text tower through torch.compile (the first call compiles)
+        module.backbone.compile_text()
+        try:
+            for name in flora_patterns:
+                fn, dtype = patterns[name]
+                median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
+                rows.append({"pattern": f"{name}, compiled", "ms_per_step": median, "first_ms": first})
+        finally:
+            module.backbone.compile_text(False)
     return {
         "model": clip_model,
         "weights": clip_pretrained or "random init",

@@ -147,6 +147,21 @@ class CLIPBackbone(nn.Module):
         #: when ``profiling`` is on, seconds spent in the image tower and the text tower
         self.profiling = False
         self.timings: dict[str, float] = {"image": 0.0, "text": 0.0}
+        self._compiled_text: Any = None  # compile_text()
+
+    def compile_text(self, enabled: bool = True) -> None:
+        """Run the text tower through ``torch.compile`` (``enabled=False``: eagerly again).
+
+        Compiling takes seconds to a minute the first time each shape is seen (a new
+        number of prompts, training vs evaluation); after that the tower runs as fused
+        kernels. Results equal the eager tower up to floating-point rounding. Not carried
+        when the backbone is pickled or copied (a copy runs eagerly until this is called).
+        """
+        self._compiled_text = torch.compile(run_text_tower) if enabled else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, "_compiled_text": None}  # a compiled function neither pickles nor copies
 
     @contextmanager
     def _timed(self, key: str) -> Iterator[None]:
@@ -272,7 +287,7 @@ class CLIPBackbone(nn.Module):
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
         with self._timed("text"):
-            return run_text_tower(self._text, x, eot)
+            return (self._compiled_text or run_text_tower)(self._text, x, eot)
 
     def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts) -> Tensor:
         """Normalised text features of every class with learned context ``ctx``.
@@ -370,19 +385,62 @@ def run_transformer(parts: dict[str, Any], x: Tensor, skip_last: int = 0) -> Ten
     return x if batch_first else x.transpose(0, 1)
 
 
-def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor) -> Tensor:
+def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor, *, pool_last: bool = True) -> Tensor:
     """Token embeddings ``(B, L, d_t)`` -> pooled, projected text features ``(B, d)``.
 
     ``L`` may be shorter than the model's context: the mask is causal, so the EOT feature
     only depends on the tokens before it and truncating at the longest EOT is exact.
+
+    For the same reason only the EOT row of the last block's output is ever read: with
+    ``pool_last`` (and a standard open_clip block) the last block attends from the EOT
+    token alone and runs its MLP on that one row; keys and values still come from every
+    position up to EOT. The result equals the full pass up to floating-point rounding and
+    saves most of one block's work (a quarter of flora-tiny's 4-block text tower).
     """
-    x = run_transformer(parts, x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    transformer = parts["transformer"]
+    blocks = transformer.resblocks
+    last = blocks[-1]
+    if not (pool_last and _poolable(transformer, last)):
+        x = run_transformer(parts, x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+    else:
+        length = x.shape[1]
+        h = x + parts["positional_embedding"][:length].to(x.dtype)
+        mask = parts["attn_mask"]
+        mask = mask[:length, :length].to(h.device) if mask is not None else None
+        for block in blocks[:-1]:
+            h = block(h, attn_mask=mask)
+        x = _last_block_at(last, h, eot)
     x = parts["ln_final"](x)  # LayerNorm is per token: pooling first is the same, and cheaper
     proj = parts["text_projection"]
     if proj is not None:
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
     return x
+
+
+def _poolable(transformer: nn.Module, block: nn.Module) -> bool:
+    """Whether ``block`` is open_clip's standard causal self-attention block, run batch-first."""
+    return (
+        type(block) is open_clip.transformer.ResidualAttentionBlock
+        and not hasattr(block, "ln_1_kv")
+        and getattr(transformer, "batch_first", False)
+        and not getattr(transformer, "grad_checkpointing", False)
+        and isinstance(block.attn, nn.MultiheadAttention)
+        and block.attn.batch_first
+    )
+
+
+def _last_block_at(block: nn.Module, h: Tensor, eot: Tensor) -> Tensor:
+    """The output ``(B, d_t)`` of a causal ``block`` at position ``eot`` of each sequence of ``h``."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    eot = eot.to(h.device)
+    kv = block.ln_1(h)
+    query = kv[rows, eot].unsqueeze(1)
+    # causal mask of the EOT query: every key after a sequence's own EOT is left out
+    after = torch.arange(h.shape[1], device=h.device).unsqueeze(0) > eot.unsqueeze(1)
+    attended = block.attn(query, kv, kv, need_weights=False, key_padding_mask=after)[0].squeeze(1)
+    y = h[rows, eot] + block.ls_1(attended)
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
 
 
 def encode_token_ids(parts: dict[str, Any], tokens: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from lightning.fabric import Fabric
 
 from flora.data.datamodule import FederatedDataModule
-from flora.errors import FloraConfigError, check_choice, check_range
+from flora.errors import FloraConfigError, FloraConfigWarning, check_choice, check_range
 from flora.federated.checkpoint import method_path, resolve_checkpoint, restore_checkpoint, save_checkpoint
 from flora.federated.client import ClientResult, ClientRunner, check_finite
 from flora.federated.distributed import (
@@ -48,6 +49,7 @@ from flora.federated.metrics import ClientEval, peak_memory_mb, state_bytes
 from flora.federated.rundir import agent_run_id, check_run_name, run_dir_claimed
 from flora.federated.sampling import ClientSampler, derive_seed
 from flora.federated.store import ClientStore, make_store, to_cpu_copy
+from flora.federated.vectorised import why_sequential
 from flora.methods.base import FederatedPromptModule, StateDict, Upload
 from flora.reporting import RunReporter
 
@@ -91,6 +93,10 @@ class FederatedTrainer:
             in ``summary.json`` for comparison.
         profile: split each round's training time into image tower, text tower and
             optimiser (backward + step) in ``metrics.jsonl`` (synchronises CUDA).
+        compile_text: run the text tower through ``torch.compile``
+            (:meth:`~flora.clip.CLIPBackbone.compile_text`): the first steps of each new
+            shape compile (seconds to a minute), later ones run fused kernels. Off by default;
+            ``flora bench speed`` measures whether it pays on a machine.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class FederatedTrainer:
         checkpoint_every: int = 1,
         zero_shot_reference: bool = False,
         profile: bool = False,
+        compile_text: bool = False,
         overwrite: bool = False,
     ) -> None:
         check_range("trainer.rounds", rounds, low=0)
@@ -154,6 +161,7 @@ class FederatedTrainer:
         self.loggers, self.wandb_project, self.progress = list(loggers), wandb_project, progress
         self.checkpoint_every = checkpoint_every
         self.zero_shot_reference, self.profile = zero_shot_reference, profile
+        self.compile_text = compile_text
         self.config_text: str | None = None  # the resolved config, written into the run folder by the CLI
 
     # ------------------------------------------------------------------ paths
@@ -221,6 +229,7 @@ class FederatedTrainer:
         """Set data and method up on this rank; initialise the server model (the state before round 1)."""
         self.fabric = fabric
         setup_rank(fabric, module, dm)
+        module.backbone.compile_text(self.compile_text)
         self.module = module
         self.dm = dm
         self.sampler = ClientSampler(dm.num_clients, self.client_fraction, self.seed, self.clients_per_round)
@@ -274,6 +283,17 @@ class FederatedTrainer:
             if module.is_trainable and self.completed_rounds == self.rounds:
                 reporter.note(f"the run already completed its {self.rounds} rounds: nothing left to train")
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
+        if self.client_batch > 1 and module.is_trainable:
+            if reason := why_sequential(self.clients):
+                if fabric.is_global_zero:
+                    warnings.warn(
+                        f"trainer.client_batch={self.client_batch} has no effect: clients are trained one by one "
+                        f"because {reason}",
+                        FloraConfigWarning,
+                        stacklevel=2,
+                    )
+            else:
+                reporter.note(f"clients trained up to {self.client_batch} at a time (trainer.client_batch)")
         if self.zero_shot_reference and self.zero_shot is None:
             with module.zero_shot():
                 self.zero_shot, _ = self._evaluate(reporter, full=True)
