@@ -169,3 +169,22 @@ def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     assert torch.equal(one[2]["global_state"]["prompt.ctx"], batched[2]["global_state"]["prompt.ctx"])
     with pytest.raises(Exception, match="trainer.client_batch must be >= 1, got 0"):
         FederatedTrainer(client_batch=0)
+
+
+def test_a_non_finite_loss_of_one_client_names_it(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The losses stay on the device, but a non-finite one still stops the round, naming its client."""
+    stacked = PromptFL.stacked_losses
+
+    def poisoned(self: PromptFL, params: dict, batches: list) -> torch.Tensor:
+        losses = stacked(self, params, batches)
+        return (
+            losses * torch.tensor([1.0] * (len(batches) - 1) + [float("nan")]) if len(batches) > 1 else losses
+        )
+
+    monkeypatch.setattr(PromptFL, "stacked_losses", poisoned)
+    with pytest.raises(
+        FloatingPointError, match=r"round 1, client 3: PromptFL: non-finite training loss \(nan\)"
+    ):
+        _fit(tmp_path, tiny_root, PromptFL, rounds=1, client_batch=4)

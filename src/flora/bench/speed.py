@@ -25,7 +25,7 @@ def run_speed(
     together_methods: list[str] | None = None,
     step_model: str = "flora-tiny",
     step_pretrained: str | None = "shipped",
-    step_steps: int = 5,
+    step_steps: int = 10,
     compile_methods: list[str] | None = None,
 ) -> dict[str, Any]:
     """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s.
@@ -269,7 +269,9 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             "the loss); flora runs one truncated pass over sigma and sigma + BA, on cached features or on the",
             "raw images. Both compute the same loss (`flora.bench.step`).",
             "",
-            "A compiled row runs the text tower through `torch.compile`; its first call compiles.",
+            "flora's text tower runs its last block from the EOT token alone; the whole-last-block row runs",
+            "it over every position, as the plain open_clip tower does. A compiled row runs the text tower",
+            "through `torch.compile`; its first call compiles.",
             "",
             f"| step | ms / step | speed-up over the authors' pattern ({ref_name}) | first call ms |",
             "|---|---|---|---|",

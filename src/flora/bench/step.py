@@ -153,6 +153,20 @@ def run_step_bench(
     for name, (fn, dtype) in patterns.items():
         median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
         rows.append({"pattern": name, "ms_per_step": median, "first_ms": first})
+    # what running the text tower's last block from the EOT token alone saves
+    module.backbone.pool_last = False
+    try:
+        fn, dtype = patterns["flora, cached features, fp32"]
+        median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
+        rows.append(
+            {
+                "pattern": "flora, cached features, fp32, whole last block",
+                "ms_per_step": median,
+                "first_ms": first,
+            }
+        )
+    finally:
+        module.backbone.pool_last = True
     if compiled:  # the same steps with the text tower through torch.compile (the first call compiles)
         module.backbone.compile_text()
         try:

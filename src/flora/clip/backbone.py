@@ -148,6 +148,8 @@ class CLIPBackbone(nn.Module):
         self.profiling = False
         self.timings: dict[str, float] = {"image": 0.0, "text": 0.0}
         self._compiled_text: Any = None  # compile_text()
+        #: run the text tower's last block from the EOT token alone (:func:`run_text_tower`)
+        self.pool_last = True
 
     def compile_text(self, enabled: bool = True) -> None:
         """Run the text tower through ``torch.compile`` (``enabled=False``: eagerly again).
@@ -287,7 +289,7 @@ class CLIPBackbone(nn.Module):
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
         with self._timed("text"):
-            return (self._compiled_text or run_text_tower)(self._text, x, eot)
+            return (self._compiled_text or run_text_tower)(self._text, x, eot, pool_last=self.pool_last)
 
     def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts) -> Tensor:
         """Normalised text features of every class with learned context ``ctx``.

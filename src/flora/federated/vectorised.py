@@ -112,7 +112,9 @@ def train_together(
         loaders.append(loader)
         streams.append(_epochs(loader, runner.local_epochs, runner.max_steps))
     n = len(client_ids)
-    losses: list[list[float]] = [[] for _ in range(n)]
+    # losses stay on the device until the end: one host sync per step (the finiteness check), not 2 per client
+    loss_sums = torch.zeros(n, device=fabric.device)
+    steps = [0] * n
     seen = [0] * n
     module.train()
     while True:
@@ -127,22 +129,25 @@ def train_together(
         idle = [k for k in range(n) if k not in active]
         with torch.enable_grad(), fabric.autocast():
             per_client = module.stacked_losses({name: t[active] for name, t in stacked.items()}, batches)
-        for j, k in enumerate(active):
-            if not torch.isfinite(per_client[j]):
-                raise FloatingPointError(
-                    f"round {round_idx + 1}, client {client_ids[k]}: {type(module).__name__}: non-finite training "
-                    f"loss ({float(per_client[j].detach())}); lower the learning rate or use 32-true precision"
-                )
+        finite = torch.isfinite(per_client.detach())
+        if not bool(finite.all()):
+            j = int((~finite).nonzero()[0])
+            raise FloatingPointError(
+                f"round {round_idx + 1}, client {client_ids[active[j]]}: {type(module).__name__}: non-finite "
+                f"training loss ({float(per_client[j].detach())}); lower the learning rate or use 32-true precision"
+            )
         kept = _slices(stacked, raw, idle)
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(per_client.sum())
         optimizer.step()
         _restore(idle, kept)
+        loss_sums[torch.tensor(active, device=loss_sums.device)] += per_client.detach().float()
         for j, k in enumerate(active):
-            losses[k].append(float(per_client[j].detach()))
+            steps[k] += 1
             seen[k] += int(batches[j][1].shape[0])
     module.eval()
 
+    mean_losses = (loss_sums.cpu() / torch.tensor([max(1, s) for s in steps])).tolist()
     results = []
     with torch.no_grad():
         for k, cid in enumerate(client_ids):
@@ -162,7 +167,7 @@ def train_together(
                     num_samples=len(loaders[k].dataset),
                     upload=module.upload_state(),
                     state=ClientState(local=module.local_state(), optim=optim),
-                    loss=sum(losses[k]) / max(1, len(losses[k])),
+                    loss=mean_losses[k],
                     samples_seen=seen[k],
                 )
             )
