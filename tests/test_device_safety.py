@@ -243,9 +243,13 @@ def test_clients_trained_together_off_the_cpu(cls: type[FederatedPromptModule], 
     ]
     named = {n: p for n, p in m.named_parameters() if p.requires_grad}
     stacked = {n: nn.Parameter(torch.stack([p.detach(), p.detach()])) for n, p in named.items()}
+    # what differs between clients without being trained (PromptProx: the prompt each received)
+    m.load_global_state({n: p.detach().clone() for n, p in m._params_with_role(Role.GLOBAL).items()})
+    constants = {n: torch.stack([t, t]) for n, t in m.client_constants().items()}
+    assert all(t.device.type == device for t in constants.values())
     m.train()
     with GeneratorDeviceGuard(fake_meta_scalars=device == "meta"):
-        losses = m.stacked_losses(stacked, batches)
+        losses = m.stacked_losses({**stacked, **constants}, batches)
         assert losses.shape == (2,) and losses.device.type == device
         losses.sum().backward()
     for n, t in stacked.items():

@@ -12,7 +12,17 @@ from flora.data import FederatedDataModule
 from flora.errors import FloraConfigWarning
 from flora.federated import FederatedTrainer
 from flora.federated.vectorised import why_sequential
-from flora.methods import FLORA, FedOTP, FedPGP, LocalCoOp, PromptFL, PromptFLFT, PromptProx
+from flora.methods import (
+    FLORA,
+    FedOTP,
+    FedPGP,
+    LocalCoOp,
+    PromptAMP,
+    PromptFL,
+    PromptFLFT,
+    PromptPer,
+    PromptProx,
+)
 
 OPTS = dict(n_ctx=4, lr=0.01, clip_model="flora-tiny")
 RANKED = dict(rank=2)  # FedPGP, FLORA: rank <= n_ctx
@@ -29,6 +39,8 @@ def _fit(tmp: Path, root: Path, method: type, **kw: object) -> tuple[dict, list[
 
 
 def _options(method: type) -> dict:
+    if method is PromptPer:
+        return {**{k: v for k, v in OPTS.items() if k != "n_ctx"}, "n_global": 2, "n_local": 2}
     ranked = method in (FedPGP, FLORA) or getattr(method, "__name__", "").startswith("_flora")
     return {**OPTS, **(RANKED if ranked else {})}
 
@@ -56,7 +68,9 @@ def _close(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("method", [PromptFL, FedPGP, FLORA, "local adapter", "none adapter"])
+@pytest.mark.parametrize(
+    "method", [PromptFL, PromptPer, PromptProx, FedPGP, FLORA, "local adapter", "none adapter"]
+)
 def test_stacked_losses_and_gradients_are_each_clients_own_in_float64(method: type | str) -> None:
     """Random values for every trainable tensor of 3 clients: the stacked pass is each client's own loss."""
     if isinstance(method, str):
@@ -64,22 +78,31 @@ def test_stacked_losses_and_gradients_are_each_clients_own_in_float64(method: ty
     else:
         module = method(**_options(method)).double()
     module.set_task([f"class {i}" for i in range(9)])
+    module.load_global_state(module.global_state())  # what a client receives (PromptProx's proximal target)
     gen = torch.Generator().manual_seed(0)
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     assert set(named) >= {"prompt.ctx"}
     values = {n: torch.randn(3, *p.shape, generator=gen, dtype=torch.float64) * 0.1 for n, p in named.items()}
+    # tensors that differ between clients without being trained: random too, set per client below
+    constants = {
+        n: torch.randn(3, *t.shape, generator=gen, dtype=torch.float64) * 0.1
+        for n, t in module.client_constants().items()
+    }
+    assert bool(constants) == (method is PromptProx)
     width = module.backbone.anchor_features(["x"]).shape[-1]
     batches = [
         (torch.randn(n, width, generator=gen, dtype=torch.float64), torch.randint(0, 9, (n,), generator=gen))
         for n in (8, 5, 1)
     ]
     stacked = {n: torch.nn.Parameter(v.clone()) for n, v in values.items()}
-    losses = module.stacked_losses(stacked, batches)
+    losses = module.stacked_losses({**stacked, **constants}, batches)
     losses.sum().backward()
     for k, (x, y) in enumerate(batches):
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(values[n][k])
+            for n, c in constants.items():
+                setattr(module, n, c[k].clone())
         module.zero_grad()
         loss, _ = module.compute_loss(x, y)
         loss.backward()
@@ -94,7 +117,10 @@ def _flora_local_adapter(**kw: object) -> FLORA:
     return FLORA(adapter="local", **kw)
 
 
-@pytest.mark.parametrize("method", [PromptFL, LocalCoOp, PromptFLFT, FedPGP, FLORA, _flora_local_adapter])
+@pytest.mark.parametrize(
+    "method",
+    [PromptFL, LocalCoOp, PromptFLFT, PromptPer, PromptProx, PromptAMP, FedPGP, FLORA, _flora_local_adapter],
+)
 def test_clients_trained_together_match_clients_trained_one_by_one(
     tmp_path: Path, tiny_root: Path, method: type
 ) -> None:
@@ -142,6 +168,12 @@ def test_a_step_cap_and_a_batch_smaller_than_the_round_match_too(tmp_path: Path,
     _close(one[1][-1]["local_acc_clients"], together[1][-1]["local_acc_clients"], "accuracy")
 
 
+class _PromptFLWithAnotherLoss(PromptFL):
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss, parts = super().compute_loss(x, y)
+        return 2 * loss, parts
+
+
 def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     tmp_path: Path, tiny_root: Path
 ) -> None:
@@ -157,15 +189,18 @@ def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
 
     assert reason(PromptFL(**OPTS)) is None
     # a subclass that changes the loss does not inherit the declaration
-    assert reason(PromptProx(**OPTS)) == "PromptProx does not declare vectorised training"
+    assert (
+        reason(_PromptFLWithAnotherLoss(**OPTS))
+        == "_PromptFLWithAnotherLoss does not declare vectorised training"
+    )
     assert reason(FedOTP(**OPTS)) == "FedOTP does not declare vectorised training"
     assert "feature cache is off" in str(reason(PromptFL(**OPTS), feature_cache="off"))
     # and such a method trains exactly as with client_batch 1
-    one = _fit(tmp_path / "one", tiny_root, PromptProx, rounds=1)
+    one = _fit(tmp_path / "one", tiny_root, _PromptFLWithAnotherLoss, rounds=1)
     with pytest.warns(
-        FloraConfigWarning, match=r"client_batch=4 has no effect: .*PromptProx does not declare"
+        FloraConfigWarning, match=r"client_batch=4 has no effect: .*WithAnotherLoss does not declare"
     ):
-        batched = _fit(tmp_path / "b", tiny_root, PromptProx, rounds=1, client_batch=4)
+        batched = _fit(tmp_path / "b", tiny_root, _PromptFLWithAnotherLoss, rounds=1, client_batch=4)
     assert torch.equal(one[2]["global_state"]["prompt.ctx"], batched[2]["global_state"]["prompt.ctx"])
     with pytest.raises(Exception, match="trainer.client_batch must be >= 1, got 0"):
         FederatedTrainer(client_batch=0)

@@ -74,11 +74,15 @@ def train_together(
     named = dict(module.named_parameters())
     names = [n for n, p in named.items() if any(p is q for q in module.trainable_parameters())]
     phase = module.round_phases.index(module.phase)
-    starts, previous = [], []
+    starts, previous, constants = [], [], []
     for cid in client_ids:
         previous.append(runner.load(cid, global_state))
         starts.append({n: named[n].detach().clone() for n in names})
+        constants.append({n: t.detach().clone() for n, t in module.client_constants().items()})
     stacked = {n: nn.Parameter(torch.stack([s[n] for s in starts])) for n in names}
+    fixed = {
+        n: torch.stack([c[n] for c in constants]) for n in constants[0]
+    }  # e.g. each client's received prompt
 
     # one optimiser over the stacked tensors with the method's own groups and hyperparameters
     single = module.configure_optimizers()
@@ -128,7 +132,8 @@ def train_together(
             break
         idle = [k for k in range(n) if k not in active]
         with torch.enable_grad(), fabric.autocast():
-            per_client = module.stacked_losses({name: t[active] for name, t in stacked.items()}, batches)
+            inputs = {name: t[active] for name, t in (stacked | fixed).items()}
+            per_client = module.stacked_losses(inputs, batches)
         finite = torch.isfinite(per_client.detach())
         if not bool(finite.all()):
             j = int((~finite).nonzero()[0])

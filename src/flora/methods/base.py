@@ -413,6 +413,24 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         """
         raise NotImplementedError(f"{type(self).__name__} does not train clients together")
 
+    def client_constants(self) -> dict[str, Tensor]:
+        """Tensors a client's loss reads that are not trained but differ between clients (default: none).
+
+        E.g. the prompt a client received this round, for a proximal term. Clients trained
+        together (:mod:`flora.federated.vectorised`) take them after each client's state is
+        loaded and pass them to :meth:`stacked_losses` stacked ``(K, ...)``, under these
+        names, beside the trainable tensors.
+        """
+        return {}
+
+    def stacked_cross_entropy(self, text: Tensor, batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Cross-entropy ``(K,)`` of K clients: client k's class features ``text[k]`` against its batch."""
+        losses = [
+            F.cross_entropy(self.logits_from(self.image_side(self.image_features(x)), text[k]), y)
+            for k, (x, y) in enumerate(batches)
+        ]
+        return torch.stack(losses)
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         loss, parts = self.compute_loss(x, y)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flora.methods.base import FederatedPromptModule
@@ -42,8 +40,4 @@ class CoOpModule(FederatedPromptModule):
     def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         """Cross-entropy of K clients' contexts ``params["prompt.ctx"]`` ``(K, n_ctx, d_t)``: one text-tower call."""
         text = self.backbone.encode_prompted(params["prompt.ctx"], self._require_task())
-        losses = [
-            F.cross_entropy(self.logits_from(self.image_side(self.image_features(x)), text[k]), y)
-            for k, (x, y) in enumerate(batches)
-        ]
-        return torch.stack(losses)
+        return self.stacked_cross_entropy(text, batches)

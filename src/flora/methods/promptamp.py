@@ -25,6 +25,7 @@ class PromptAMP(KeepsLastUploads, ProximalPromptFL):
     """
 
     display_name = "PromptAMP"
+    vectorised = True  # trainer.client_batch trains its clients together (ProximalPromptFL.stacked_losses)
     personalised = True
     last_uploads_key = "client_prompts"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ class PromptPer(FederatedPromptModule):
     """
 
     display_name = "PromptPer"
+    vectorised = True  # trainer.client_batch trains its clients together (stacked_losses)
     personalised = True
     global_params = ("prompt",)
     local_params = ("personal",)
@@ -54,3 +56,8 @@ class PromptPer(FederatedPromptModule):
     def text_features(self) -> Tensor:
         ctx = torch.cat([self.prompt.ctx, self.personal.ctx], dim=0)
         return self.backbone.encode_prompted(ctx, self._require_task())
+
+    def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Cross-entropy of K clients' contexts ``[P_g ; P_p]``: one text-tower call."""
+        ctx = torch.cat([params["prompt.ctx"], params["personal.ctx"]], dim=1)
+        return self.stacked_cross_entropy(self.backbone.encode_prompted(ctx, self._require_task()), batches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,11 +42,24 @@ class ProximalPromptFL(PromptFL):
         prox = self.proximal_term()
         return ce + prox.to(ce.dtype), {**parts, "prox": prox.detach()}
 
+    def client_constants(self) -> dict[str, Tensor]:
+        return {"received": self.received}  # each client's own received prompt
+
+    def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """PromptFL's stacked cross-entropy plus each client's proximal term towards ``params["received"]``."""
+        ce = super().stacked_losses(params, batches)
+        ctx, received = params["prompt.ctx"], params.get("received")
+        if received is None or received[0].numel() == 0:
+            return ce + ctx.sum() * 0.0
+        prox = 0.5 * self.mu * (ctx - received).pow(2).flatten(1).sum(1)
+        return ce + prox.to(ce.dtype)
+
 
 class PromptProx(ProximalPromptFL):
     """PromptProx: PromptFL trained with ``CE + (mu / 2) * ||P - P_glob||^2``, ``P_glob`` the received prompt."""
 
     display_name = "PromptProx"
+    vectorised = True  # trainer.client_batch trains its clients together (ProximalPromptFL.stacked_losses)
 
     def __init__(self, *, mu: float = 0.5, **kwargs: Any) -> None:
         check_option("mu", mu, low=0)
