@@ -204,7 +204,21 @@ def test_results_state_convergence_and_the_comparisons_from_the_runs() -> None:
     assert "more than 1 point: PromptFL (+5.5), FedOTP (+5.0)." in _results_markdown(result)
 
 
-def test_bench_speed_reports_phases(tmp_path: Path) -> None:
+def test_bench_speed_reports_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the compiled run goes through torch.compile, here as a recording pass-through (compiling for real
+    # is tested in test_backbone.py; here it would only add half a minute)
+    through_compile: list[object] = []
+
+    def recording_compile(fn: object, **options: object) -> object:
+        through_compile.append(fn)
+
+        def run(*args: object, **kwargs: object) -> object:
+            through_compile.append("call")
+            return fn(*args, **kwargs)  # type: ignore[operator]
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     result = run_speed(
         str(tmp_path / "docs"),
         str(tmp_path / "work"),
@@ -244,6 +258,7 @@ def test_bench_speed_reports_phases(tmp_path: Path) -> None:
     assert "| authors' pattern, fp32 |" in text and "| flora, cached features, fp32 |" in text
     assert not any("compiled" in pattern for pattern in steps)  # FLORA is not among compile_methods
     assert "| PromptFL | 1 | compiled |" in text
+    assert through_compile.count("call") > 10  # the compiled run's text tower went through torch.compile
 
 
 def test_the_authors_pattern_computes_flora_s_loss() -> None:
