@@ -174,6 +174,13 @@ class _PromptFLWithAnotherLoss(PromptFL):
         return 2 * loss, parts
 
 
+class _PromptFLPreparingEachClient(PromptFL):
+    vectorised = True
+
+    def before_local_training(self, batches: object) -> None:
+        pass
+
+
 def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     tmp_path: Path, tiny_root: Path
 ) -> None:
@@ -195,6 +202,8 @@ def test_methods_that_do_not_declare_it_or_cannot_are_trained_one_by_one(
     )
     assert reason(FedOTP(**OPTS)) == "FedOTP does not declare vectorised training"
     assert "feature cache is off" in str(reason(PromptFL(**OPTS), feature_cache="off"))
+    # a per-client preparation (e.g. pFedPrompt's memory) is module state, not stacked: one by one
+    assert "before_local_training" in str(reason(_PromptFLPreparingEachClient(**OPTS)))
     # and such a method trains exactly as with client_batch 1
     one = _fit(tmp_path / "one", tiny_root, _PromptFLWithAnotherLoss, rounds=1)
     with pytest.warns(

@@ -42,6 +42,10 @@ def why_sequential(runner: ClientRunner) -> str | None:
     module = runner.module
     if not vars(type(module)).get("vectorised", False):
         return f"{type(module).__name__} does not declare vectorised training"
+    from flora.methods.base import FederatedPromptModule
+
+    if type(module).before_local_training is not FederatedPromptModule.before_local_training:
+        return f"{type(module).__name__} prepares each client before its training (before_local_training)"
     if not runner.use_features:
         return "the feature cache is off (clients are trained together on cached image features only)"
     if runner.profile:
