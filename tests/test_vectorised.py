@@ -232,3 +232,15 @@ def test_a_non_finite_loss_of_one_client_names_it(
         FloatingPointError, match=r"round 1, client 3: PromptFL: non-finite training loss \(nan\)"
     ):
         _fit(tmp_path, tiny_root, PromptFL, rounds=1, client_batch=4)
+
+
+@pytest.mark.parametrize("options", [{"optimizer_state": "reset"}, {"state_store": "disk"}], ids=str)
+def test_reset_optimisers_and_a_disk_store_match_too(tmp_path: Path, tiny_root: Path, options: dict) -> None:
+    """A fresh optimiser every turn (zero momentum, nothing stored) and client states on disk."""
+    one = _fit(tmp_path / "one", tiny_root, FLORA, **options)
+    together = _fit(tmp_path / "together", tiny_root, FLORA, client_batch=4, **options)
+    _close(one[2]["global_state"], together[2]["global_state"], "global_state")
+    _close(one[2]["clients"], together[2]["clients"], "client states")
+    if options.get("optimizer_state") == "reset":
+        assert all(state["optim"] is None for state in together[2]["clients"].values())
+    _close(one[1][-1]["local_acc_clients"], together[1][-1]["local_acc_clients"], "accuracy")
