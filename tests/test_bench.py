@@ -226,6 +226,7 @@ def test_bench_speed_reports_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         devices=[1],
         cfg=BenchConfig(**MINI),
         client_batch=5,
+        together_rounds=2,
         together_methods=["PromptFL"],
         compile_methods=["PromptFL"],
         step_steps=1,

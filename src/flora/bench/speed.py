@@ -22,6 +22,7 @@ def run_speed(
     precision: str = "32-true",
     cfg: BenchConfig | None = None,
     client_batch: int = 10,
+    together_rounds: int = 6,
     together_methods: list[str] | None = None,
     step_model: str = "flora-tiny",
     step_pretrained: str | None = "shipped",
@@ -49,6 +50,8 @@ def run_speed(
         precision: e.g. ``bf16-mixed`` on a GPU.
         cfg: the benchmark settings (world, n_ctx, rank, lr, ...).
         client_batch: clients trained together in the comparison (1: leave it out).
+        together_rounds: rounds per run of that comparison (its table takes the median of
+            rounds 2.., which a busy machine disturbs less than the mean).
         together_methods: methods of that comparison (default: every method that declares it).
         step_model: open_clip model of the client-step comparison (e.g. ``ViT-B-16``).
         step_pretrained: its weights (``shipped`` for flora-tiny, an open_clip tag, a file, or
@@ -105,7 +108,7 @@ def run_speed(
     together = []
     if client_batch > 1:
         together = _together(
-            work, rounds, precision, cfg, client_batch, together_methods, compile_methods, console
+            work, together_rounds, precision, cfg, client_batch, together_methods, compile_methods, console
         )
     step = None
     if step_steps > 0:
@@ -177,8 +180,7 @@ def _together(
             options = {"client_batch": batch, "eval_every": rounds, "compile_text": compiled}
             history = _fit(work, name, rounds, precision, make_method(method, cfg), dm, **options)
             steady = history[1:] or history  # round 1 also fills the feature cache
-            train_s = statistics.fmean(r["time_train_s"] for r in steady)
-            images = statistics.fmean(r["samples_trained_rank0"] for r in steady)
+            train_s = statistics.median(r["time_train_s"] for r in steady)
             rows.append(
                 {
                     "method": method,
@@ -186,7 +188,10 @@ def _together(
                     "compiled": compiled,
                     "train_s": train_s,
                     "first_train_s": history[0]["time_train_s"],
-                    "images_per_s": images / train_s,
+                    "images_per_s": statistics.median(
+                        r["samples_trained_rank0"] / r["time_train_s"] for r in steady
+                    ),
+                    "rounds": len(history),
                 }
             )
             console.print(
@@ -232,7 +237,8 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             "",
             "`trainer.client_batch`: a round's clients (all 10 here, 1 device, feature cache in memory)",
             "trained with their learned tensors stacked, one text-tower call per step, against one",
-            "client after the other, for every method that declares it; rounds 2.. of the same run.",
+            "client after the other, for every method that declares it, in the same run; median of rounds",
+            f"2..{result['together'][0].get('rounds', result['rounds'])} of each.",
             "A compiled text tower (`trainer.compile_text`) compiles during round 1 (its training time is",
             "the first-round column) and runs compiled from then on.",
             "",
