@@ -244,3 +244,18 @@ def test_reset_optimisers_and_a_disk_store_match_too(tmp_path: Path, tiny_root: 
     if options.get("optimizer_state") == "reset":
         assert all(state["optim"] is None for state in together[2]["clients"].values())
     _close(one[1][-1]["local_acc_clients"], together[1][-1]["local_acc_clients"], "accuracy")
+
+
+def test_clients_trained_together_on_two_devices_match_one_device_one_by_one(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    """Each rank stacks its own share of the round's clients: the device count still changes nothing."""
+    one = _fit(tmp_path / "one", tiny_root, FLORA)
+    two = _fit(
+        tmp_path / "two", tiny_root, FLORA, client_batch=4, accelerator="cpu", devices=2, strategy="ddp_spawn"
+    )
+    _close(one[2]["global_state"], two[2]["global_state"], "global_state")
+    _close(one[2]["clients"], two[2]["clients"], "client states")
+    for a, b in zip(one[1], two[1], strict=True):
+        for key in ("train_loss", "local_acc_mean", "local_acc_clients"):
+            _close(a[key], b[key], f"round {a['round']} {key}")
