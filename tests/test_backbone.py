@@ -78,6 +78,13 @@ def test_last_block_run_at_eot_only_equals_the_full_pass_in_float64() -> None:
     assert outs[True][1].abs().max() > 1e-3  # gradients reach the context
     parts["transformer"].grad_checkpointing = True  # a block run another way is run whole
     assert not _poolable(parts["transformer"], parts["transformer"].resblocks[-1])
+    parts["transformer"].grad_checkpointing = False
+    # and so is a tower without a causal mask (later positions reach the EOT there): the full pass
+    bidirectional = {**parts, "attn_mask": None}
+    pooled = run_text_tower(bidirectional, x.detach(), prompts.eot, pool_last=True)
+    whole = run_text_tower(bidirectional, x.detach(), prompts.eot, pool_last=False)
+    assert torch.equal(pooled, whole)
+    assert not torch.allclose(pooled, outs[True][0])  # the mask matters: the test can tell them apart
 
 
 def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path) -> None:

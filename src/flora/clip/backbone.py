@@ -402,7 +402,8 @@ def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor, *, pool_last: 
     transformer = parts["transformer"]
     blocks = transformer.resblocks
     last = blocks[-1]
-    if not (pool_last and _poolable(transformer, last)):
+    # EOT-only is exact for a causal tower (the mask is what makes later keys irrelevant)
+    if not (pool_last and parts["attn_mask"] is not None and _poolable(transformer, last)):
         x = run_transformer(parts, x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
     else:
