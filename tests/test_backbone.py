@@ -113,6 +113,27 @@ def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path) ->
     assert backbone._compiled_text is None
 
 
+def test_a_machine_that_cannot_compile_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flora.errors import FloraRunError
+
+    def cannot_compile(fn: object, **options: object) -> object:
+        def run(*args: object, **kwargs: object) -> object:
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                "inductor", RuntimeError("InvalidCxxCompiler: no working C++ compiler found"), None
+            )
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0)
+    backbone.compile_text()
+    with pytest.raises(
+        FloraRunError,
+        match=r"compile the text tower on this machine \(RuntimeError: InvalidCxxCompiler.*compile_text false",
+    ):
+        backbone.encode_prompted(torch.zeros(4, backbone.token_width), backbone.build_class_prompts(NAMES, 4))
+
+
 def test_batched_variants_match_single_calls(backbone: CLIPBackbone) -> None:
     prompts = backbone.build_class_prompts(NAMES, 4)
     ctx = torch.randn(3, 4, backbone.token_width) * 0.02

@@ -289,7 +289,19 @@ class CLIPBackbone(nn.Module):
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
         with self._timed("text"):
-            return (self._compiled_text or run_text_tower)(self._text, x, eot, pool_last=self.pool_last)
+            if self._compiled_text is None:
+                return run_text_tower(self._text, x, eot, pool_last=self.pool_last)
+            try:
+                return self._compiled_text(self._text, x, eot, pool_last=self.pool_last)
+            except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.TritonUnavailableError) as err:
+                from flora.errors import FloraRunError
+
+                inner = getattr(err, "inner_exception", None) or err
+                reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
+                raise FloraRunError(
+                    f"compile_text: torch.compile could not compile the text tower on this machine ({reason}); "
+                    "run with trainer.compile_text false"
+                ) from err
 
     def encode_prompted(self, ctx: Tensor, prompts: ClassPrompts) -> Tensor:
         """Normalised text features of every class with learned context ``ctx``.
