@@ -87,7 +87,14 @@ def test_last_block_run_at_eot_only_equals_the_full_pass_in_float64() -> None:
     assert not torch.allclose(pooled, outs[True][0])  # the mask matters: the test can tell them apart
 
 
-def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",  # graph capture and compiled autograd, without generating kernels: seconds
+        pytest.param("inductor", marks=pytest.mark.slow),  # the default backend's kernels: half a minute cold
+    ],
+)
+def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path, backend: str) -> None:
     import copy
 
     backbone = CLIPBackbone("flora-tiny", None, init_seed=0)
@@ -99,7 +106,7 @@ def test_compiled_text_tower_gives_the_eager_features_and_gradients(tmp_path) ->
     counters.clear()
     out = {}
     for compiled in (False, True):
-        backbone.compile_text(compiled)
+        backbone.compile_text(compiled, backend=backend)
         c = ctx.clone().requires_grad_()
         feats = backbone.encode_prompted(c, prompts)
         out[compiled] = (feats.detach(), torch.autograd.grad((feats * weights).sum(), c)[0])

@@ -151,15 +151,17 @@ class CLIPBackbone(nn.Module):
         #: run the text tower's last block from the EOT token alone (:func:`run_text_tower`)
         self.pool_last = True
 
-    def compile_text(self, enabled: bool = True) -> None:
+    def compile_text(self, enabled: bool = True, **options: Any) -> None:
         """Run the text tower through ``torch.compile`` (``enabled=False``: eagerly again).
 
         Compiling takes seconds to a minute the first time each shape is seen (a new
         number of prompts, training vs evaluation); after that the tower runs as fused
-        kernels. Results equal the eager tower up to floating-point rounding. Not carried
-        when the backbone is pickled or copied (a copy runs eagerly until this is called).
+        kernels. Results equal the eager tower up to floating-point rounding. ``options``
+        go to ``torch.compile`` (e.g. ``mode="reduce-overhead"``, ``backend="aot_eager"``).
+        Not carried when the backbone is pickled or copied (a copy runs eagerly until this
+        is called).
         """
-        self._compiled_text = torch.compile(run_text_tower) if enabled else None
+        self._compiled_text = torch.compile(run_text_tower, **options) if enabled else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
