@@ -68,6 +68,27 @@ def test_store_copies_on_put_and_get(tmp_path: Path, kind: str) -> None:
         assert torch.equal(reopened.get(1).optim["state"][0]["momentum_buffer"], torch.ones(3))  # type: ignore[union-attr,index]
 
 
+def test_a_disk_store_that_is_not_the_writer_reads_what_the_writer_wrote(tmp_path: Path) -> None:
+    writer, reader = DiskClientStore(tmp_path / "s"), DiskClientStore(tmp_path / "s", writer=False)
+    state = ClientState({"a": torch.arange(3.0)}, None)
+    reader.put(1, state)  # the same state every rank holds: only the writer's files are written
+    assert list((tmp_path / "s").iterdir()) == [] and reader.client_ids() == [1]
+    writer.put(1, state)
+    assert torch.equal(reader.get(1).local["a"], torch.arange(3.0))  # type: ignore[union-attr]
+
+
+def test_two_devices_with_client_states_on_disk_match_one_in_memory(tmp_path: Path, tiny_root: Path) -> None:
+    """One rank writes the states both hold; the other reads them after the round's barrier."""
+    one = _trainer(tmp_path / "one", rounds=2).fit(LocalCoOp(n_ctx=4, lr=0.01), _dm(tiny_root))
+    two = _trainer(
+        tmp_path / "two", rounds=2, accelerator="cpu", devices=2, strategy="ddp_spawn", state_store="disk"
+    ).fit(LocalCoOp(n_ctx=4, lr=0.01), _dm(tiny_root))
+    for key, value in _metrics(one).items():
+        assert two["final"][key] == pytest.approx(value, abs=1e-4), key
+    files = sorted(p.name for p in (tmp_path / "two" / "runs" / "t" / "client_states").iterdir())
+    assert files == [f"client-{c:06d}.{ext}" for c in range(4) for ext in ("optim.pt", "safetensors")]
+
+
 def test_fit_writes_run_folder_and_client_states_do_not_alias(tmp_path: Path, tiny_root: Path) -> None:
     trainer = _trainer(tmp_path, rounds=2)
     summary = trainer.fit(LocalCoOp(n_ctx=4, lr=0.01), _dm(tiny_root))

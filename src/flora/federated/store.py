@@ -109,11 +109,18 @@ class MemoryClientStore(ClientStore):
 class DiskClientStore(ClientStore):
     """Client states on disk (one safetensors file of local tensors + one optimiser file per client).
 
-    For federations with thousands of clients. Files are written atomically.
+    For federations with thousands of clients. Files are written atomically. Processes that
+    share the folder (the ranks on one machine) hold the same states: one of them is the
+    ``writer``; the others' ``put`` only takes note of the client, and they read what the
+    writer wrote (after a barrier: see the trainer).
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    #: the folder may be shared by several processes that all ``put`` the same states
+    shared = True
+
+    def __init__(self, directory: str | os.PathLike, writer: bool = True) -> None:
         self.directory = Path(directory)
+        self.writer = writer
         self.directory.mkdir(parents=True, exist_ok=True)
         self._ids: set[int] = {
             int(p.name.split("-")[1].split(".")[0]) for p in self.directory.glob("client-*.safetensors")
@@ -132,6 +139,9 @@ class DiskClientStore(ClientStore):
         return ClientState(local=local, optim=meta["optim"])
 
     def put(self, client_id: int, state: ClientState) -> None:
+        if not self.writer:  # another process on this machine writes the same state
+            self._ids.add(client_id)
+            return
         # the tensors file last: a client counts as stored once it is there
         tensors, optim = self._paths(client_id)
         local = {k: v.detach().cpu().contiguous() for k, v in state.local.items()}
@@ -153,9 +163,10 @@ class DiskClientStore(ClientStore):
         self._ids.add(client_id)
 
 
-def make_store(kind: str, directory: str | os.PathLike) -> ClientStore:
+def make_store(kind: str, directory: str | os.PathLike, writer: bool = True) -> ClientStore:
+    """A ``memory`` or ``disk`` store; ``writer``: this process writes a disk store's files (one per machine)."""
     if kind == "memory":
         return MemoryClientStore()
     if kind == "disk":
-        return DiskClientStore(directory)
+        return DiskClientStore(directory, writer=writer)
     raise ValueError(f"state_store must be 'memory' or 'disk', got {kind!r}")

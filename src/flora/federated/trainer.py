@@ -233,7 +233,10 @@ class FederatedTrainer:
         self.module = module
         self.dm = dm
         self.sampler = ClientSampler(dm.num_clients, self.client_fraction, self.seed, self.clients_per_round)
-        self.store: ClientStore = make_store(self.state_store, self.run_dir / "client_states")
+        # with a disk store one process per machine writes the files every rank holds
+        self.store: ClientStore = make_store(
+            self.state_store, self.run_dir / "client_states", writer=fabric.local_rank == 0
+        )
         self.clients = ClientRunner(
             fabric,
             module,
@@ -353,6 +356,8 @@ class FederatedTrainer:
                 check_finite(r, round_idx, self.checkpoint_path, self.completed_rounds)
             for r in phase_results:
                 self.store.put(r.client_id, r.state)
+            if getattr(self.store, "shared", False) and self.fabric.world_size > 1:
+                self.fabric.barrier()  # the states are on disk before any rank reads them
             uploads = [Upload(r.client_id, r.num_samples, r.upload) for r in phase_results]
             up += [state_bytes(u.state) for u in uploads]
             down += [state_bytes(self.module.download_state(c, self.global_state)) for c in sampled]
