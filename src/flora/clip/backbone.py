@@ -417,17 +417,12 @@ def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor, *, pool_last: 
     blocks = transformer.resblocks
     last = blocks[-1]
     # EOT-only is exact for a causal tower (the mask is what makes later keys irrelevant)
-    if not (pool_last and parts["attn_mask"] is not None and _poolable(transformer, last)):
+    pooled = pool_last and len(blocks) > 1 and parts["attn_mask"] is not None and _poolable(transformer, last)
+    if pooled:
+        x = _last_block_at(last, run_transformer(parts, x, skip_last=1), eot)
+    else:
         x = run_transformer(parts, x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
-    else:
-        length = x.shape[1]
-        h = x + parts["positional_embedding"][:length].to(x.dtype)
-        mask = parts["attn_mask"]
-        mask = mask[:length, :length].to(h.device) if mask is not None else None
-        for block in blocks[:-1]:
-            h = block(h, attn_mask=mask)
-        x = _last_block_at(last, h, eot)
     x = parts["ln_final"](x)  # LayerNorm is per token: pooling first is the same, and cheaper
     proj = parts["text_projection"]
     if proj is not None:

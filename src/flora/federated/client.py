@@ -246,14 +246,15 @@ class ClientRunner:
         train_one: Callable[[int, int], ClientResult],
         done: Callable[[int], None],
     ) -> list[ClientResult]:
-        """This rank's clients of a round: ``client_batch`` at a time where the method allows, else one by one.
+        """This rank's clients of a round: ``client_batch`` at a time, or one by one when it is 1.
 
+        The caller has checked that the method allows it (:func:`~flora.federated.vectorised.why_sequential`).
         ``train_one(client_id, round_idx)`` trains a single client (the trainer's hook);
         ``done(client_id)`` is called after each client's turn.
         """
-        from flora.federated.vectorised import train_together, why_sequential
+        from flora.federated.vectorised import train_together
 
-        if client_batch > 1 and len(client_ids) > 1 and why_sequential(self) is None:
+        if client_batch > 1 and len(client_ids) > 1:
             results = []
             for i in range(0, len(client_ids), client_batch):
                 chunk = client_ids[i : i + client_batch]

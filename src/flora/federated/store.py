@@ -45,6 +45,9 @@ class ClientState:
 class ClientStore:
     """Interface of a client-state store. ``put`` and ``get`` always copy."""
 
+    #: the ranks on one machine share the store's files (one writes, every one reads)
+    shared = False
+
     def get(self, client_id: int) -> ClientState | None:
         raise NotImplementedError
 
@@ -115,7 +118,6 @@ class DiskClientStore(ClientStore):
     writer wrote (after a barrier: see the trainer).
     """
 
-    #: the folder may be shared by several processes that all ``put`` the same states
     shared = True
 
     def __init__(self, directory: str | os.PathLike, writer: bool = True) -> None:

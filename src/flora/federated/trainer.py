@@ -286,6 +286,7 @@ class FederatedTrainer:
             if module.is_trainable and self.completed_rounds == self.rounds:
                 reporter.note(f"the run already completed its {self.rounds} rounds: nothing left to train")
         reporter.start(self, module, dm, self.config_text, resumed=ckpt is not None)
+        self._together = 1  # clients trained at a time, decided once for the run
         if self.client_batch > 1 and module.is_trainable:
             if reason := why_sequential(self.clients):
                 if fabric.is_global_zero:
@@ -296,6 +297,7 @@ class FederatedTrainer:
                         stacklevel=2,
                     )
             else:
+                self._together = self.client_batch
                 reporter.note(f"clients trained up to {self.client_batch} at a time (trainer.client_batch)")
         if self.zero_shot_reference and self.zero_shot is None:
             with module.zero_shot():
@@ -344,7 +346,7 @@ class FederatedTrainer:
                 share,
                 round_idx,
                 self.global_state,
-                self.client_batch,
+                self._together,
                 self._train_client,
                 reporter.client_done,
             )
@@ -356,7 +358,7 @@ class FederatedTrainer:
                 check_finite(r, round_idx, self.checkpoint_path, self.completed_rounds)
             for r in phase_results:
                 self.store.put(r.client_id, r.state)
-            if getattr(self.store, "shared", False) and self.fabric.world_size > 1:
+            if self.store.shared and self.fabric.world_size > 1:
                 self.fabric.barrier()  # the states are on disk before any rank reads them
             uploads = [Upload(r.client_id, r.num_samples, r.upload) for r in phase_results]
             up += [state_bytes(u.state) for u in uploads]

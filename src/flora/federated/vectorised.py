@@ -84,9 +84,8 @@ def train_together(
         starts.append({n: named[n].detach().clone() for n in names})
         constants.append({n: t.detach().clone() for n, t in module.client_constants().items()})
     stacked = {n: nn.Parameter(torch.stack([s[n] for s in starts])) for n in names}
-    fixed = {
-        n: torch.stack([c[n] for c in constants]) for n in constants[0]
-    }  # e.g. each client's received prompt
+    # what differs between clients without being trained, e.g. each client's received prompt
+    fixed = {n: torch.stack([c[n] for c in constants]) for n in constants[0]}
 
     # one optimiser over the stacked tensors with the method's own groups and hyperparameters
     single = module.configure_optimizers()

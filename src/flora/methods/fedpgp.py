@@ -83,7 +83,14 @@ class FedPGP(CoOpModule):
 
     def compute_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z_personal, z_global = self.personal_and_global_text()
-        return self.loss_from_text(x, y, z_personal, z_global)
+        logits = self.logits_from(self.image_side(self.image_features(x)), z_personal)
+        parts = {
+            "ce": F.cross_entropy(logits, y),
+            "con": self.mu * self.contrastive_term(z_global, z_personal),
+        }
+        parts.update(self.regularisers())
+        loss = torch.stack([v.float() for v in parts.values()]).sum()
+        return loss, {k: v.detach() for k, v in parts.items()}
 
     def stacked_losses(self, params: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         """K clients' losses in batched operations: one text-tower call for every ``sigma + B A`` and ``sigma``.
@@ -121,16 +128,3 @@ class FedPGP(CoOpModule):
     def stacked_regularisers(self, params: dict[str, Tensor]) -> Tensor:
         """The sum of :meth:`regularisers` per client ``(K,)`` (none here)."""
         return torch.zeros(params["prompt.ctx"].shape[0], device=params["prompt.ctx"].device)
-
-    def loss_from_text(
-        self, x: Tensor, y: Tensor, z_personal: Tensor, z_global: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and its parts given the personalised and global class features."""
-        logits = self.logits_from(self.image_side(self.image_features(x)), z_personal)
-        parts = {
-            "ce": F.cross_entropy(logits, y),
-            "con": self.mu * self.contrastive_term(z_global, z_personal),
-        }
-        parts.update(self.regularisers())
-        loss = torch.stack([v.float() for v in parts.values()]).sum()
-        return loss, {k: v.detach() for k, v in parts.items()}
