@@ -87,6 +87,70 @@ def test_last_block_run_at_eot_only_equals_the_full_pass_in_float64() -> None:
     assert not torch.allclose(pooled, outs[True][0])  # the mask matters: the test can tell them apart
 
 
+def test_shared_start_and_context_equal_the_whole_sequences_in_float64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start token and a context shared by every class, computed once per context: same features and gradients."""
+    import flora.clip.backbone as module
+
+    calls = []
+    shared = module.run_shared_text_tower
+    monkeypatch.setattr(
+        module, "run_shared_text_tower", lambda *a, **k: calls.append(a[1].shape) or shared(*a, **k)
+    )
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0).double()
+    prompts = backbone.build_class_prompts(NAMES, 4)  # names of different lengths: EOTs differ
+    assert len(set(prompts.eot.tolist())) > 1
+    ctx = torch.randn(
+        3, 4, backbone.token_width, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    weights = torch.randn(
+        3, len(NAMES), backbone.embed_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    outs = {}
+    for share in (True, False):
+        for pool in (True, False):
+            backbone.share_prefix, backbone.pool_last = share, pool
+            c = (ctx * 0.1).requires_grad_()
+            feats = backbone.encode_prompted(c, prompts)
+            outs[share, pool] = (feats.detach(), torch.autograd.grad((feats * weights).sum(), c)[0])
+    assert calls == [(3, 5, backbone.token_width)] * 2  # 3 contexts, 5 shared positions: once per context
+    for key, (feats, grad) in outs.items():
+        torch.testing.assert_close(feats, outs[False, False][0], atol=1e-12, rtol=0, msg=str(key))
+        torch.testing.assert_close(grad, outs[False, False][1], atol=1e-12, rtol=0, msg=str(key))
+    assert outs[True, True][1].abs().max() > 1e-3  # gradients reach the context
+    # one context per class shares only the start token: the whole sequences, as before
+    calls.clear()
+    per_class = (ctx[:, None] * 0.1).expand(-1, len(NAMES), -1, -1)
+    torch.testing.assert_close(
+        backbone.encode_prompted(per_class, prompts), outs[False, False][0], atol=1e-12, rtol=0
+    )
+    assert calls == []
+    # towers the shared pass does not know run whole
+    assert module.shares_prefix(backbone._text)
+    assert not module.shares_prefix(
+        {**backbone._text, "attn_mask": None}
+    )  # bidirectional: later tokens matter
+    backbone._text["transformer"].resblocks[0].attn.dropout = 0.1
+    assert not module.shares_prefix(backbone._text)
+
+
+def test_shared_context_under_bf16_autocast() -> None:
+    """The shared pass under CPU autocast: bf16 matmuls, float32 features close to the float32 pass."""
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0)
+    prompts = backbone.build_class_prompts(NAMES, 4)
+    ctx = (
+        torch.randn(2, 4, backbone.token_width, generator=torch.Generator().manual_seed(0)) * 0.1
+    ).requires_grad_()
+    full = backbone.encode_prompted(ctx, prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = backbone.encode_prompted(ctx, prompts)
+    assert not torch.equal(mixed.float(), full)  # bf16 really ran
+    torch.testing.assert_close(mixed.float(), full, atol=5e-2, rtol=0)
+    mixed.float().sum().backward()
+    assert torch.isfinite(ctx.grad).all() and ctx.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize(
     "backend",
     [

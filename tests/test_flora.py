@@ -57,6 +57,35 @@ def test_fedpgp_roles() -> None:
         FLORA(class_names=NAMES, adapter="sometimes")
 
 
+def test_orthogonality_penalty_gradient_is_the_norms_and_vanishes_at_orthonormal_b() -> None:
+    """Value: the Frobenius norm. Gradient: the norm's, except near 0 where the norm's direction is rounding noise."""
+    from flora.prompts import ORTHO_GRAD_FLOOR
+
+    def plain(B: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_norm(B.mT @ B - torch.eye(B.shape[-1], dtype=B.dtype)).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    for B in (
+        torch.randn(16, 8, generator=gen, dtype=torch.float64),
+        torch.linalg.qr(torch.randn(16, 8, generator=gen, dtype=torch.float64))[0],
+    ):
+        ours, ref = B.clone().requires_grad_(), B.clone().requires_grad_()
+        value, expected = orthogonality_penalty(ours), plain(ref)
+        value.backward(), expected.backward()
+        torch.testing.assert_close(value, expected, atol=1e-12, rtol=0)
+        if float(expected) > ORTHO_GRAD_FLOOR:  # away from orthonormal: the norm's gradient
+            torch.testing.assert_close(ours.grad, ref.grad, atol=1e-12, rtol=0)
+        else:  # orthonormal to working precision: the norm's gradient is a unit-size push in a noise direction
+            assert float(ref.grad.norm()) == pytest.approx(2.0, rel=1e-6)
+            assert float(ours.grad.norm()) < 1e-9
+    # under autocast the Gram matrix is float32: a bf16 one would be off by ~1e-2 at unit columns
+    q = torch.linalg.qr(torch.randn(16, 8, generator=gen))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = orthogonality_penalty(q)
+        bf16 = plain(q)
+    assert mixed.dtype == torch.float32 and float(mixed) < 1e-5 and float(bf16) > 1e-3
+
+
 def test_orthonormal_init_and_penalty() -> None:
     term = LowRankTerm(16, 32, rank=8, orthonormal=True)
     torch.testing.assert_close(term.B.T @ term.B, torch.eye(8), atol=1e-5, rtol=0)
@@ -190,7 +219,7 @@ def test_text_tower_once_per_step_and_anchor_cached(
 ) -> None:
     m = cls(class_names=NAMES, n_ctx=4, rank=2)
     calls = {"text": 0, "anchor": 0}
-    run_text, anchor = m.backbone._run_text, m.backbone.anchor_features
+    run_text, anchor = m.backbone._run_tower, m.backbone.anchor_features
 
     def counting_text(*a, **k):  # type: ignore[no-untyped-def]
         calls["text"] += 1
@@ -200,7 +229,7 @@ def test_text_tower_once_per_step_and_anchor_cached(
         calls["anchor"] += 1
         return anchor(*a, **k)
 
-    monkeypatch.setattr(m.backbone, "_run_text", counting_text)
+    monkeypatch.setattr(m.backbone, "_run_tower", counting_text)
     monkeypatch.setattr(m.backbone, "anchor_features", counting_anchor)
     x, y = _batch()
     m.train()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flora.clip.backbone import run_shared_text_tower
 from flora.data import FederatedDataModule
 from flora.federated import FederatedTrainer
 from flora.methods import PromptAMP, PromptFL, PromptFLFT, PromptPer, PromptProx, Role
@@ -122,13 +123,18 @@ def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPat
     m.reset_global_parameters(torch.Generator().manual_seed(1))
     m.reset_local_parameters(torch.Generator().manual_seed(2))
     seen: list[torch.Tensor] = []
-    run_text = m.backbone._run_text
+    run_tower = m.backbone._run_tower
 
-    def spy(x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        seen.append(x.detach().clone())
-        return run_text(x, eot)
+    def spy(tower: object, *args: torch.Tensor) -> torch.Tensor:
+        if tower is run_shared_text_tower:  # (head, tail, eot): the whole sequences are head + tail
+            head, tail, _ = args
+            per_head = tail.shape[0] // head.shape[0]
+            seen.append(torch.cat([head.repeat_interleave(per_head, 0), tail], dim=1).detach().clone())
+        else:
+            seen.append(args[0].detach().clone())
+        return run_tower(tower, *args)
 
-    monkeypatch.setattr(m.backbone, "_run_text", spy)
+    monkeypatch.setattr(m.backbone, "_run_tower", spy)
     with torch.no_grad():
         feats = m.text_features()
     (tokens,) = seen  # (n_cls, L, d_t): one batched pass over the classes

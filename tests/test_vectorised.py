@@ -57,7 +57,7 @@ def _close(a: object, b: object, where: str) -> None:
             # (a masking error, a step too many or too few, is off by tens of percent)
             assert float((a - b).norm() / a.norm().clamp_min(1e-12)) < 1e-2, where
         else:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=where)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"{where}: {m}")
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):

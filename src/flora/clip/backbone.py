@@ -147,9 +147,13 @@ class CLIPBackbone(nn.Module):
         #: when ``profiling`` is on, seconds spent in the image tower and the text tower
         self.profiling = False
         self.timings: dict[str, float] = {"image": 0.0, "text": 0.0}
-        self._compiled_text: Any = None  # compile_text()
+        self._compiled_text: dict[Any, Any] | None = None  # compile_text()
+        self._compile_options: dict[str, Any] = {}
         #: run the text tower's last block from the EOT token alone (:func:`run_text_tower`)
         self.pool_last = True
+        #: compute the start token and a context shared by all classes once per context,
+        #: not once per class (:func:`run_shared_text_tower`)
+        self.share_prefix = True
 
     def compile_text(self, enabled: bool = True, **options: Any) -> None:
         """Run the text tower through ``torch.compile`` (``enabled=False``: eagerly again).
@@ -161,7 +165,8 @@ class CLIPBackbone(nn.Module):
         Not carried when the backbone is pickled or copied (a copy runs eagerly until this
         is called).
         """
-        self._compiled_text = torch.compile(run_text_tower, **options) if enabled else None
+        self._compiled_text = {} if enabled else None  # tower function -> compiled, made on first use
+        self._compile_options = options
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -290,11 +295,18 @@ class CLIPBackbone(nn.Module):
         return ClassPrompts(tokens, eot, emb[:, :1].clone(), emb[:, 1 + n_ctx :].clone(), n_ctx)
 
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
+        return self._run_tower(run_text_tower, x, eot)
+
+    def _run_tower(self, tower: Any, *args: Tensor) -> Tensor:
+        """``tower`` (:func:`run_text_tower` or :func:`run_shared_text_tower`), compiled if asked."""
         with self._timed("text"):
             if self._compiled_text is None:
-                return run_text_tower(self._text, x, eot, pool_last=self.pool_last)
+                return tower(self._text, *args, pool_last=self.pool_last)
+            compiled = self._compiled_text.get(tower)
+            if compiled is None:
+                compiled = self._compiled_text[tower] = torch.compile(tower, **self._compile_options)
             try:
-                return self._compiled_text(self._text, x, eot, pool_last=self.pool_last)
+                return compiled(self._text, *args, pool_last=self.pool_last)
             except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.TritonUnavailableError) as err:
                 from flora.errors import FloraRunError
 
@@ -316,13 +328,20 @@ class CLIPBackbone(nn.Module):
         if squeeze:
             ctx = ctx.unsqueeze(0)
         n_cls = prompts.num_classes
-        if ctx.dim() == 3:
+        shared = ctx.dim() == 3  # one context for every class
+        if shared:
             ctx = ctx.unsqueeze(1).expand(-1, n_cls, -1, -1)
         if ctx.shape[1:3] != (n_cls, prompts.n_ctx):
             raise ValueError(
                 f"context of shape {tuple(ctx.shape)} does not match {n_cls} classes x {prompts.n_ctx} tokens"
             )
         n_var = ctx.shape[0]
+        if shared and self.share_prefix and shares_prefix(self._text):
+            head = torch.cat([prompts.prefix[:1].expand(n_var, -1, -1).to(ctx.dtype), ctx[:, 0]], dim=1)
+            tail = prompts.suffix.to(ctx.dtype).repeat(n_var, 1, 1)
+            feats = self._run_tower(run_shared_text_tower, head, tail, prompts.eot.repeat(n_var))
+            feats = F.normalize(feats, dim=-1).reshape(n_var, n_cls, -1)
+            return feats[0] if squeeze else feats
         prefix = prompts.prefix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
         suffix = prompts.suffix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
         x = torch.cat([prefix, ctx, suffix], dim=2).reshape(n_var * n_cls, prompts.length, -1)
@@ -453,6 +472,119 @@ def _last_block_at(block: nn.Module, h: Tensor, eot: Tensor) -> Tensor:
     attended = block.attn(query, kv, kv, need_weights=False, key_padding_mask=after)[0].squeeze(1)
     y = h[rows, eot] + block.ls_1(attended)
     return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def run_shared_text_tower(
+    parts: dict[str, Any], head: Tensor, tail: Tensor, eot: Tensor, *, pool_last: bool = True
+) -> Tensor:
+    """Pooled, projected text features ``(N, d)`` of sequences that share their first tokens.
+
+    ``tail`` ``(G * C, s, d_t)`` holds G groups of C sequences, one after the other;
+    sequence ``i`` is ``cat(head[i // C], tail[i])``. ``head`` ``(G, p, d_t)`` holds the
+    first ``p`` token embeddings, common to every sequence of a group (the start token and
+    a learned context shared by all classes), ``tail`` the rest (class name, full stop,
+    EOT), ``eot`` ``(G * C,)`` the EOT position in the whole sequence.
+
+    The mask is causal, so the first ``p`` positions of every sequence of a group have
+    the same activations in every block: each block computes them once per group, and
+    the tail positions attend to the group's keys and values. With C classes and one
+    context that is ``p + C s`` rows of work instead of ``C (p + s)``. The result equals
+    :func:`run_text_tower` on the concatenated sequences up to floating-point rounding.
+    Call it only where :func:`shares_prefix` holds.
+    """
+    blocks = parts["transformer"].resblocks
+    p, s = head.shape[1], tail.shape[1]
+    pos = parts["positional_embedding"]
+    head = head + pos[:p].to(head.dtype)
+    tail = tail + pos[p : p + s].to(tail.dtype)
+    # tail position j sees the whole head and the tail up to j
+    seen = torch.arange(p + s, device=tail.device).unsqueeze(0) <= (
+        p + torch.arange(s, device=tail.device)
+    ).unsqueeze(1)
+    for block in blocks[:-1] if pool_last else blocks:
+        head, tail = _shared_block(block, head, tail, seen)
+    if pool_last:
+        rows = torch.arange(tail.shape[0], device=tail.device)
+        at = eot.to(tail.device) - p
+        x = _shared_block(blocks[-1], head, tail, seen[at], query_at=at)[1][rows, 0]
+    else:
+        x = tail[torch.arange(tail.shape[0], device=tail.device), eot.to(tail.device) - p]
+    x = parts["ln_final"](x)
+    proj = parts["text_projection"]
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
+
+
+def shares_prefix(parts: dict[str, Any]) -> bool:
+    """Whether :func:`run_shared_text_tower` can run this text tower: standard open_clip
+    causal blocks, batch-first, one fused input projection and no attention dropout."""
+    transformer = parts["transformer"]
+    return parts["attn_mask"] is not None and all(
+        _poolable(transformer, b)
+        and b.attn._qkv_same_embed_dim
+        and b.attn.in_proj_weight is not None
+        and b.attn.bias_k is None
+        and not b.attn.add_zero_attn
+        and b.attn.dropout == 0
+        for b in transformer.resblocks
+    )
+
+
+def _shared_block(
+    block: nn.Module, head: Tensor, tail: Tensor, seen: Tensor, query_at: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One causal block on shared ``head`` rows and the ``tail`` rows that continue them.
+
+    ``seen`` ``(s, p + s)`` (or ``(N, p + s)`` with ``query_at``): which keys each tail
+    query attends to. With ``query_at`` ``(N,)`` only that tail position of each sequence
+    is computed (the last block, read at EOT) and the head is returned as it came. Head
+    and tail rows go through the LayerNorms and linear layers as one matrix.
+    """
+    attn = block.attn
+    n_heads = attn.num_heads
+    (n_groups, p, d), (n_seq, s, _) = head.shape, tail.shape
+
+    def split(t: Tensor) -> Tensor:  # (B, L, d) -> (B, heads, L, d / heads)
+        return t.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+
+    def merge(t: Tensor) -> Tensor:
+        return t.transpose(1, 2).flatten(2)
+
+    rows = torch.cat([head.reshape(-1, d), tail.reshape(-1, d)])
+    normed = block.ln_1(rows)
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if query_at is None:
+        q, k, v = F.linear(normed, weight, bias).chunk(3, dim=-1)
+        q_head, q_tail = q[: n_groups * p].view(n_groups, p, d), q[n_groups * p :].view(n_seq, s, d)
+        residual = rows
+    else:  # keys and values everywhere, one query per sequence
+        k, v = F.linear(normed, weight[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
+        at = n_groups * p + torch.arange(n_seq, device=tail.device) * s + query_at
+        q_tail = F.linear(normed[at], weight[:d], None if bias is None else bias[:d]).unsqueeze(1)
+        residual = rows[at]
+        seen = seen[:, None, None]  # (N, 1, 1, p + s): each sequence its own
+    k_head, k_tail = k[: n_groups * p].view(n_groups, p, d), k[n_groups * p :].view(n_seq, s, d)
+    v_head, v_tail = v[: n_groups * p].view(n_groups, p, d), v[n_groups * p :].view(n_seq, s, d)
+    per_group = n_seq // n_groups
+
+    def grouped(t: Tensor) -> Tensor:  # (G, p, d) -> (G * C, p, d): each group's rows for its sequences
+        return t.unsqueeze(1).expand(-1, per_group, -1, -1).reshape(n_seq, p, d)
+
+    keys = torch.cat([grouped(k_head), k_tail], dim=1)
+    values = torch.cat([grouped(v_head), v_tail], dim=1)
+    out = merge(F.scaled_dot_product_attention(split(q_tail), split(keys), split(values), attn_mask=seen))
+    out = out.reshape(-1, d)
+    if query_at is None:
+        out_head = merge(
+            F.scaled_dot_product_attention(split(q_head), split(k_head), split(v_head), is_causal=True)
+        )
+        out = torch.cat([out_head.reshape(-1, d), out])
+    x = residual + block.ls_1(attn.out_proj(out))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    if query_at is not None:
+        return head, x.unsqueeze(1)
+    return x[: n_groups * p].view(n_groups, p, d), x[n_groups * p :].view(n_seq, s, d)
 
 
 def encode_token_ids(parts: dict[str, Any], tokens: Tensor) -> Tensor:

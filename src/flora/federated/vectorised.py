@@ -76,7 +76,8 @@ def train_together(
 
     fabric, module = runner.fabric, runner.module
     named = dict(module.named_parameters())
-    names = [n for n, p in named.items() if any(p is q for q in module.trainable_parameters())]
+    trainable = {id(p) for p in module.trainable_parameters()}
+    names = [n for n, p in named.items() if id(p) in trainable]
     phase = module.round_phases.index(module.phase)
     starts, previous, constants = [], [], []
     for cid in client_ids:

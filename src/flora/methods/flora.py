@@ -10,7 +10,7 @@ from torch import Tensor
 
 from flora.methods.fedpgp import FedPGP
 from flora.methods.options import check_choice, check_option
-from flora.prompts import ImageAdapter, orthogonality_penalty, rowwise_cos
+from flora.prompts import ImageAdapter, orthogonality_penalty, orthogonality_residuals, rowwise_cos
 
 
 class FLORA(FedPGP):
@@ -75,8 +75,7 @@ class FLORA(FedPGP):
     def stacked_regularisers(self, params: dict[str, Tensor]) -> Tensor:
         B, A = params["lowrank.B"], params["lowrank.A"]
         l2 = self.l2_weight * (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B))
-        eye = torch.eye(B.shape[-1], device=B.device, dtype=B.dtype)
-        ortho = self.ortho_weight * torch.linalg.matrix_norm(B.transpose(-1, -2) @ B - eye, ord="fro")
+        ortho = self.ortho_weight * orthogonality_residuals(B)
         return l2.float() + ortho.float()
 
     def negative_similarity(self, z_global: Tensor, z_personal: Tensor) -> Tensor:

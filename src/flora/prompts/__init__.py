@@ -5,7 +5,12 @@ from flora.prompts.class_tokens import ClassNameEmbeddings
 from flora.prompts.context import PromptContext
 from flora.prompts.linear import reset_linear
 from flora.prompts.losses import pair_contrastive, rowwise_cos
-from flora.prompts.lowrank import LowRankTerm, orthogonality_penalty
+from flora.prompts.lowrank import (
+    ORTHO_GRAD_FLOOR,
+    LowRankTerm,
+    orthogonality_penalty,
+    orthogonality_residuals,
+)
 from flora.prompts.transport import unbalanced_sinkhorn
 
 __all__ = [
@@ -14,6 +19,8 @@ __all__ = [
     "LowRankTerm",
     "PromptContext",
     "orthogonality_penalty",
+    "orthogonality_residuals",
+    "ORTHO_GRAD_FLOOR",
     "pair_contrastive",
     "reset_linear",
     "rowwise_cos",

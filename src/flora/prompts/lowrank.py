@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -49,14 +51,40 @@ class LowRankTerm(nn.Module):
         return self.B @ self.A
 
 
+#: below this ``||B^T B - I_r||_F`` the penalty's gradient shrinks with it (:func:`orthogonality_residuals`)
+ORTHO_GRAD_FLOOR = 1e-4
+
+
+def orthogonality_residuals(B: Tensor) -> Tensor:
+    """``||B_n^T B_n - I_r||_F`` of each ``B_n`` of ``B`` ``(N, n_ctx, r)``: shape ``(N,)``.
+
+    Computed in float32 (or the parameters' wider dtype), outside autocast: in bfloat16 a
+    Gram matrix of unit columns is rounded by about 1e-2, far more than the deviation it
+    measures.
+
+    The value is the Frobenius norm. Its gradient, ``X / ||X||`` with ``X = B^T B - I``,
+    is a unit vector whose direction is rounding noise when ``B`` is orthonormal to
+    working precision (as FLORA's ``B`` starts); there the penalty would push ``B`` a
+    fixed distance in an arbitrary direction, differently for every change in summation
+    order. So the gradient is ``X / max(||X||, ORTHO_GRAD_FLOOR)``: the norm's own above
+    the floor, shrinking to zero with ``X`` below it. The value is unchanged.
+    """
+    eye = torch.eye(B.shape[-1], device=B.device, dtype=torch.promote_types(B.dtype, torch.float32))
+    autocast = B.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(B.device.type)
+    with torch.autocast(B.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        b = B.to(eye.dtype)
+        squares = (b.transpose(-1, -2) @ b - eye).pow(2).sum((-2, -1))
+    norm = squares.detach().sqrt()
+    floor = norm.clamp_min(ORTHO_GRAD_FLOOR)
+    # value: norm; gradient: that of squares / (2 floor)
+    return squares / (2 * floor) + (norm - norm.pow(2) / (2 * floor))
+
+
 def orthogonality_penalty(B: Tensor) -> Tensor:
     """``sum_n ||B_n^T B_n - I_r||_F`` for ``B`` of shape ``(n_ctx, r)`` or ``(N, n_ctx, r)``.
 
     Zero exactly when every ``B_n`` has orthonormal columns (``B B^T - I`` never is for
-    ``r < n_ctx``, which is why the column form is used).
+    ``r < n_ctx``, which is why the column form is used). See
+    :func:`orthogonality_residuals` for its precision and its gradient near zero.
     """
-    if B.dim() == 2:
-        B = B.unsqueeze(0)
-    eye = torch.eye(B.shape[-1], device=B.device, dtype=B.dtype)
-    gram = B.transpose(-1, -2) @ B
-    return torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
+    return orthogonality_residuals(B if B.dim() == 3 else B.unsqueeze(0)).sum()
