@@ -254,7 +254,8 @@ def test_bench_speed_reports_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "authors' pattern, fp32",
         "flora, cached features, fp32",
         "flora, raw images, fp32",
-        "flora, cached features, fp32, whole last block",
+        "flora, cached features, fp32, every class's whole sequence",
+        "flora, cached features, fp32, every class's whole sequence and the whole last block",
     }
     assert "| authors' pattern, fp32 |" in text and "| flora, cached features, fp32 |" in text
     assert not any("compiled" in pattern for pattern in steps)  # FLORA is not among compile_methods

@@ -153,20 +153,25 @@ def run_step_bench(
     for name, (fn, dtype) in patterns.items():
         median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
         rows.append({"pattern": name, "ms_per_step": median, "first_ms": first})
-    # what running the text tower's last block from the EOT token alone saves
-    module.backbone.pool_last = False
-    try:
-        fn, dtype = patterns["flora, cached features, fp32"]
-        median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
-        rows.append(
-            {
-                "pattern": "flora, cached features, fp32, whole last block",
-                "ms_per_step": median,
-                "first_ms": first,
-            }
-        )
-    finally:
-        module.backbone.pool_last = True
+    # what computing the shared start and context once per context, and the last block at EOT alone, save
+    ablations = {
+        "every class's whole sequence": {"share_prefix": False},
+        "every class's whole sequence and the whole last block": {"share_prefix": False, "pool_last": False},
+    }
+    backbone = module.backbone
+    for label, settings in ablations.items():
+        saved = {key: getattr(backbone, key) for key in settings}
+        for key, value in settings.items():
+            setattr(backbone, key, value)
+        try:
+            fn, dtype = patterns["flora, cached features, fp32"]
+            median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
+            rows.append(
+                {"pattern": f"flora, cached features, fp32, {label}", "ms_per_step": median, "first_ms": first}
+            )
+        finally:
+            for key, value in saved.items():
+                setattr(backbone, key, value)
     if compiled:  # the same steps with the text tower through torch.compile (the first call compiles)
         module.backbone.compile_text()
         try:
