@@ -159,3 +159,32 @@ def test_a_failed_entry_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(OSError, match="disk full"):
         FeatureCache("disk", tmp_path / "features").get_or_compute("bad", lambda: (feats, labels))
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["ok.safetensors"]
+
+
+def test_cached_feature_loader_gives_the_per_sample_batches(tiny_root: Path, tmp_path: Path) -> None:
+    """One indexing per batch: the same shuffled batches, values and types as stacking sample by sample."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dm = FederatedDataModule(str(_copy(tiny_root, tmp_path)), batch_size=4)
+    dm.setup()
+    loader = dm.client_loader(0, "train", train=True, seed=7, encoder=_encoder, encoder_key="test-encoder")
+    feats, labels = loader.dataset.tensors
+    assert len(feats) > 4 and len(feats) % 4  # several batches, the last one short
+    per_sample = DataLoader(
+        TensorDataset(feats, labels), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+    got, expected = list(loader), list(per_sample)
+    assert len(got) == len(expected)
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert sorted(torch.cat([y for _, y in got]).tolist()) == sorted(
+        labels.tolist()
+    )  # shuffled, every sample once
+    calls = []
+    get_item = TensorDataset.__getitem__
+    type(loader.dataset).__getitem__ = lambda self, i: calls.append(i) or get_item(self, i)  # type: ignore[method-assign]
+    try:
+        list(loader)
+    finally:
+        del type(loader.dataset).__getitem__
+    assert calls == []  # no per-sample access

@@ -167,7 +167,11 @@ def run_step_bench(
             fn, dtype = patterns["flora, cached features, fp32"]
             median, first = _time_steps(runner(fn, dtype), device, warmup, steps)
             rows.append(
-                {"pattern": f"flora, cached features, fp32, {label}", "ms_per_step": median, "first_ms": first}
+                {
+                    "pattern": f"flora, cached features, fp32, {label}",
+                    "ms_per_step": median,
+                    "first_ms": first,
+                }
             )
         finally:
             for key, value in saved.items():

@@ -34,6 +34,22 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class FeatureDataset(TensorDataset):
+    """Cached features and labels. A DataLoader batch is one indexing of the tensors
+    (``__getitems__``, with :func:`_as_batched` as the collate function), not one
+    ``__getitem__`` and a ``stack`` per sample: the same batches, without the per-sample
+    Python that dominated loading from the cache."""
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [t[index] for t in self.tensors]
+
+
+def _as_batched(batch: list[Tensor]) -> list[Tensor]:
+    """Collate function of a :class:`FeatureDataset` loader: its batches come already stacked."""
+    return batch
+
+
 class _ImageDataset(Dataset):
     def __init__(self, images: list[Any], labels: np.ndarray, transform: Callable[[Any], Tensor]) -> None:
         self.images = images
@@ -273,7 +289,7 @@ class FederatedDataModule(L.LightningDataModule):
 
     def feature_dataset(
         self, client_id: int | str, split: str, encoder: Callable[[Tensor], Tensor], encoder_key: str
-    ) -> TensorDataset:
+    ) -> FeatureDataset:
         """Cached frozen features of one client's split, computed with ``encoder`` on a miss."""
 
         def compute() -> tuple[Tensor, Tensor]:
@@ -295,7 +311,7 @@ class FederatedDataModule(L.LightningDataModule):
             self.shard_state(client_id, split),
         )
         feats, labels = self.cache.get_or_compute(key, compute)
-        return TensorDataset(feats, labels)
+        return FeatureDataset(feats, labels)
 
     def client_loader(
         self,
@@ -312,9 +328,10 @@ class FederatedDataModule(L.LightningDataModule):
         Yields cached frozen features when ``encoder`` is given and caching applies,
         transformed images otherwise.
         """
+        collate: Callable[[Any], Any] | None = None
         if encoder is not None and self.uses_feature_cache:
             ds: Dataset = self.feature_dataset(client_id, split, encoder, encoder_key or "")
-            workers = 0
+            workers, collate = 0, _as_batched  # a batch is one indexing of the cached tensors
         else:
             ds = self.image_dataset(client_id, split, train=train)
             workers = self.num_workers
@@ -326,6 +343,7 @@ class FederatedDataModule(L.LightningDataModule):
             generator=gen if train else None,
             num_workers=workers,
             persistent_workers=False,
+            collate_fn=collate,
         )
 
     @property

@@ -178,9 +178,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
     def parameter_roles(self) -> dict[str, Role]:
         """Role of every parameter outside the frozen backbone."""
         roles: dict[str, Role] = {}
-        for name, param in self.named_parameters():
-            if name.startswith("backbone."):
-                continue
+        for name, param in self._named_parameters_outside_backbone():
             is_global = any(name == p or name.startswith(p + ".") for p in self.global_params)
             is_local = any(name == p or name.startswith(p + ".") for p in self.local_params)
             if is_global and is_local:
@@ -198,9 +196,31 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
                 roles[name] = Role.FROZEN
         return roles
 
+    def _named_parameters_outside_backbone(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``named_parameters()`` without walking the frozen backbone's hundreds of modules.
+
+        Every client turn looks parameters up by role several times; the walk over the
+        backbone was most of that work.
+        """
+        seen: set[int] = set()
+        for name, param in self._parameters.items():
+            if param is not None:
+                seen.add(id(param))
+                yield name, param
+        for child_name, child in self._modules.items():
+            if child is None or child_name == "backbone":
+                continue
+            for name, param in child.named_parameters(prefix=child_name):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param
+
     def _params_with_role(self, role: Role) -> dict[str, nn.Parameter]:
-        params = dict(self.named_parameters())
-        return {n: params[n] for n, r in self.parameter_roles().items() if r is role}
+        roles = self.parameter_roles()
+        params = dict(self._named_parameters_outside_backbone())
+        if not params.keys() >= roles.keys():  # a method that gives backbone parameters a role
+            params = dict(self.named_parameters())
+        return {n: params[n] for n, r in roles.items() if r is role}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for r in (Role.GLOBAL, Role.LOCAL) for p in self._params_with_role(r).values()]
