@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -327,30 +324,24 @@ def test_checkpoint_restores_flora_local_tensors(tmp_path: Path, tiny_bn_root: P
 
 
 @pytest.mark.parametrize("name", ["flora", "fedpgp", "promptfl", "promptfl_ft", "promptamp", "pfedprompt"])
-def test_synthetic_configs_finish_with_full_protocol(tmp_path: Path, name: str) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flora",
-            "fit",
-            "--config",
-            str(REPO / "configs" / "synthetic" / "base.yaml"),
-            "--config",
-            str(REPO / "configs" / "synthetic" / f"{name}.yaml"),
-            "--trainer.rounds",
-            "1",
-            "--trainer.output_dir",
-            str(tmp_path / "runs"),
-            "--data.root",
-            str(tmp_path / "data"),
-        ],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+def test_synthetic_configs_finish_with_full_protocol(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flora.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = REPO / "configs" / "synthetic"
+    args = ["fit", "--config", str(config / "base.yaml"), "--config", str(config / f"{name}.yaml")]
+    args += [
+        "--trainer.rounds",
+        "1",
+        "--trainer.output_dir",
+        str(tmp_path / "runs"),
+        "--data.root",
+        str(tmp_path / "data"),
+    ]
+    assert main(args) == 0
     summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
     assert {"local_acc_mean", "base_acc_mean", "novel_acc_mean", "hm"} <= set(summary["final"])
-    assert " HM" in proc.stdout and "novel" in proc.stdout
+    out = capsys.readouterr().out
+    assert " HM" in out and "novel" in out
