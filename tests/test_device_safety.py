@@ -275,3 +275,25 @@ def test_federated_fit_on_cuda_under_bf16_mixed(name: str, tmp_path) -> None:
     )
     summary = trainer.fit(make_method(name, cfg), make_datamodule("label", 0, cfg, tmp_path))
     assert 0.0 <= summary["final"]["local_acc_mean"] <= 100.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shared_context_text_tower_on_cuda() -> None:
+    """The shared start-and-context pass on CUDA: the whole sequences' features in fp32, close under bf16 autocast."""
+    from flora.clip import CLIPBackbone
+
+    backbone = CLIPBackbone("flora-tiny", None, init_seed=0).cuda()
+    prompts = backbone.build_class_prompts(["red circle", "dark green five pointed star", "cyan"], 4)
+    ctx = (torch.randn(3, 4, backbone.token_width, generator=torch.Generator().manual_seed(0)) * 0.1).cuda()
+    out = {}
+    for share in (True, False):
+        backbone.share_prefix = share
+        c = ctx.clone().requires_grad_()
+        feats = backbone.encode_prompted(c, prompts)
+        out[share] = (feats.detach(), torch.autograd.grad(feats.sum(), c)[0])
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4, rtol=1e-3)
+    backbone.share_prefix = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = backbone.encode_prompted(ctx.clone().requires_grad_(), prompts)
+    torch.testing.assert_close(mixed.float(), out[True][0], atol=5e-2, rtol=0)
