@@ -165,6 +165,23 @@ def test_initialisation_comes_only_from_the_trainers_generators(cls: type[Federa
         assert torch.equal(states[0][k], states[1][k]), f"{cls.__name__}.{k} depends on the global RNG"
 
 
+@pytest.mark.parametrize("cls", _all_methods(), ids=lambda c: c.__name__)
+def test_roles_found_without_the_backbone_walk_are_the_full_walks(cls: type[FederatedPromptModule]) -> None:
+    """Parameter lookups skip the frozen backbone's modules; what they find is what the full walk finds."""
+    m = cls(class_names=NAMES)
+    outside = [(n, p) for n, p in m.named_parameters() if not n.startswith("backbone.")]
+    assert [(n, id(p)) for n, p in m._named_parameters_outside_backbone()] == [(n, id(p)) for n, p in outside]
+    named = dict(m.named_parameters())
+    for role in Role:
+        expected = {n: named[n] for n, r in m.parameter_roles().items() if r is role}
+        assert {n: id(p) for n, p in m._params_with_role(role).items()} == {
+            n: id(p) for n, p in expected.items()
+        }
+    # a method that gives backbone parameters a role (CMFL's LoRA) still finds them
+    if any(n.startswith("backbone.") for n in m.parameter_roles()):
+        assert any(n.startswith("backbone.") for n in m._params_with_role(Role.LOCAL))
+
+
 def test_moving_the_module_drops_cached_text_features() -> None:
     m = PromptFL(class_names=NAMES, n_ctx=4).eval()
     x, _ = _batch(2)
