@@ -195,6 +195,87 @@ def test_moving_the_module_drops_cached_text_features() -> None:
     assert m._eval_text is not None and m._eval_text.dtype == torch.float64  # rebuilt after the move
 
 
+def test_evaluation_shares_class_features_between_clients_with_equal_inputs() -> None:
+    """One client after another: the global model's features are computed once, each personal model's its own."""
+    from flora.methods import FLORA
+
+    m = FLORA(class_names=NAMES, n_ctx=4, rank=2).eval()
+    calls = []
+    run_tower = m.backbone._run_tower
+    m.backbone._run_tower = lambda *a, **k: calls.append(1) or run_tower(*a, **k)  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, m.anchor.shape[-1], generator=gen)
+    shared = m.global_state()
+    clients = [{n: torch.randn(t.shape, generator=gen) for n, t in m.local_state().items()} for _ in range(2)]
+
+    def evaluate(local: dict, global_state: dict = shared) -> tuple[torch.Tensor, torch.Tensor]:
+        m.load_global_state(global_state)
+        m.load_local_state(local)
+        with torch.no_grad():
+            personal = m(x)
+            with m.global_only():
+                return personal, m(x)
+
+    def uncached(local: dict, global_state: dict = shared) -> tuple[torch.Tensor, torch.Tensor]:
+        m.share_eval_text = False
+        try:
+            return evaluate(local, global_state)
+        finally:
+            del m.share_eval_text
+
+    first = evaluate(clients[0])
+    assert len(calls) == 2  # personal and global features
+    second = evaluate(clients[1])
+    assert len(calls) == 3  # its own personal features; the global model's are reused
+    for got, expected in zip((*first, *second), (*uncached(clients[0]), *uncached(clients[1])), strict=True):
+        assert torch.equal(got, expected)
+    assert not torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    calls.clear()
+    evaluate(clients[0])  # the last entry of a kind is kept: client 1's personal features are not client 0's
+    assert len(calls) == 1
+    # one changed value in the global prompt: computed again, and right
+    changed = {n: t.clone() for n, t in shared.items()}
+    changed["prompt.ctx"][0, 0] += 1e-3
+    calls.clear()
+    got = evaluate(clients[0], changed)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, uncached(clients[0], changed), strict=True))
+    # a move to another dtype or device drops what was kept
+    m.double()
+    calls.clear()
+    with torch.no_grad(), m.global_only():
+        m(x.double())
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method", ["PromptFL", "FLORA"])
+def test_a_federated_evaluation_with_shared_features_reports_the_same_metrics(
+    tmp_path, tiny_root, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from flora.data import FederatedDataModule
+    from flora.federated import FederatedTrainer
+    from flora.methods import REGISTRY
+
+    cls = REGISTRY[method]
+    records = {}
+    for share in (True, False):
+        monkeypatch.setattr(cls, "share_eval_text", share)
+        FederatedTrainer(
+            rounds=2, local_epochs=1, output_dir=str(tmp_path), name=f"s{share}", progress=False, loggers=[]
+        ).fit(
+            # a random backbone: accuracies far from 100 %
+            cls(n_ctx=4, clip_pretrained=None, **({"rank": 2} if method == "FLORA" else {})),
+            FederatedDataModule(str(tiny_root)),
+        )
+        lines = (tmp_path / f"s{share}" / "metrics.jsonl").read_text().splitlines()
+        records[share] = [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]
+    assert [r["local_acc_clients"] for r in records[True]] == [r["local_acc_clients"] for r in records[False]]
+    assert [r.get("global_acc") for r in records[True]] == [r.get("global_acc") for r in records[False]]
+    assert records[True][-1]["local_acc_mean"] == records[False][-1]["local_acc_mean"]
+
+
 # ------------------------------------------------------------------ option ranges
 # (method, options, the exact one-line message)
 BAD_OPTIONS: list[tuple[type[FederatedPromptModule], dict[str, Any], str]] = [

@@ -70,6 +70,10 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
     vectorised: ClassVar[bool] = False
     #: which image features the method consumes: ``"global"`` (pooled), ``"patch"`` or ``"image"`` (raw)
     feature_kind: ClassVar[str] = "global"
+    #: evaluation reuses class-side features across clients whose parameters and buffers are
+    #: equal (:meth:`cached_for_eval`); a method whose class-side features read other
+    #: per-client state (a plain attribute) sets this False
+    share_eval_text: ClassVar[bool] = True
     #: local epochs each client fine-tunes a throw-away copy of its model for before being evaluated
     #: (PromptFL+FT); 0 evaluates the model as it is
     eval_finetune_epochs: int = 0
@@ -117,6 +121,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         self.class_prompts: ClassPrompts | None = None
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         self._eval_text: Tensor | None = None
+        self._eval_text_shared: dict[tuple[Any, ...], tuple[Any, list[Tensor], Tensor]] = {}
         self._global_only = False
         self._zero_shot = False
         self.val_acc: MeanMetric | None = None  # accuracy in percent, like every flora report
@@ -202,18 +207,27 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         Every client turn looks parameters up by role several times; the walk over the
         backbone was most of that work.
         """
+        return self._named_outside("_parameters", nn.Module.named_parameters, ("backbone",))
+
+    def _named_buffers_outside_backbone(self) -> Iterator[tuple[str, Tensor]]:
+        """The buffers outside the backbone and the task's prompts (which :meth:`set_task` replaces)."""
+        return self._named_outside("_buffers", nn.Module.named_buffers, ("backbone", "class_prompts"))
+
+    def _named_outside(
+        self, own: str, walk: Callable[..., Iterator[tuple[str, Tensor]]], skip: tuple[str, ...]
+    ) -> Iterator[tuple[str, Tensor]]:
         seen: set[int] = set()
-        for name, param in self._parameters.items():
-            if param is not None:
-                seen.add(id(param))
-                yield name, param
+        for name, tensor in getattr(self, own).items():
+            if tensor is not None:
+                seen.add(id(tensor))
+                yield name, tensor
         for child_name, child in self._modules.items():
-            if child is None or child_name == "backbone":
+            if child is None or child_name in skip:
                 continue
-            for name, param in child.named_parameters(prefix=child_name):
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    yield name, param
+            for name, tensor in walk(child, prefix=child_name):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield name, tensor
 
     def _params_with_role(self, role: Role) -> dict[str, nn.Parameter]:
         roles = self.parameter_roles()
@@ -394,8 +408,50 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         if self.training or torch.is_grad_enabled():
             return compute()
         if self._eval_text is None:
-            self._eval_text = compute().detach()
+            self._eval_text = self._shared_eval_text(compute)
         return self._eval_text
+
+    def _shared_eval_text(self, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, or its result for the last client whose inputs to it were equal.
+
+        An evaluation loads one client after another; their class-side features often do
+        not differ (the global model evaluated alone: one global prompt for every client;
+        PromptFL: nothing local at all). What they read is the method's parameters of the
+        roles in use (global alone inside :meth:`global_only`), its buffers outside the
+        backbone, the task and the evaluation mode: with all of them equal the features are
+        the same, and are reused. Compared by value, so a client whose state differs in any
+        bit computes its own.
+        """
+        if not self.share_eval_text:
+            return compute().detach()
+        device = self.anchor.device
+        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        slot = (
+            getattr(compute, "__func__", compute),
+            self._global_only,
+            self._zero_shot,
+            id(self.class_prompts),
+            autocast and torch.get_autocast_dtype(device.type),
+        )
+        roles = (Role.GLOBAL,) if self._global_only else (Role.GLOBAL, Role.LOCAL)
+        inputs = [p for role in roles for p in self._params_with_role(role).values()]
+        inputs += [b for _, b in self._named_buffers_outside_backbone()]
+        hit = self._eval_text_shared.get(slot)
+        if (
+            hit is not None
+            and hit[0] is self.class_prompts
+            and len(hit[1]) == len(inputs)
+            and all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(hit[1], inputs)
+            )
+        ):
+            return hit[2]
+        feats = compute().detach()
+        if len(self._eval_text_shared) >= 8:  # tasks and modes of one evaluation: a handful
+            self._eval_text_shared.clear()
+        self._eval_text_shared[slot] = (self.class_prompts, [t.detach().clone() for t in inputs], feats)
+        return feats
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``(B, n_cls)`` for images or cached features."""
@@ -414,6 +470,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         # every device/dtype move (.to, .cuda, .half, ...) goes through here: drop the cached
         # evaluation text features, which live outside the module's buffers
         self._eval_text = None
+        self._eval_text_shared = {}
         return super()._apply(fn, recurse)
 
     # --------------------------------------------------------- lightning API

@@ -110,6 +110,7 @@ class CMFL(FederatedPromptModule):
     personalised = True
     feature_kind = "image"
     local_params = ("embeddings",)
+    share_eval_text = False  # the class features also follow embeddings_task, a plain attribute
     round_phases = ("invert", "train")
 
     def __init__(
