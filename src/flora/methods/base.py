@@ -441,10 +441,8 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
             hit is not None
             and hit[0] is self.class_prompts
             and len(hit[1]) == len(inputs)
-            and all(
-                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                for a, b in zip(hit[1], inputs)
-            )
+            and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(hit[1], inputs))
+            and _all_equal(hit[1], inputs)
         ):
             return hit[2]
         feats = compute().detach()
@@ -555,3 +553,10 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         for key, value in self.state_dict().items():
             if key.startswith("backbone."):
                 sd.setdefault(key, value)
+
+
+def _all_equal(first: Sequence[Tensor], second: Sequence[Tensor]) -> bool:
+    """Whether the tensors are equal pairwise, compared on their device with one host sync for all."""
+    if not first:
+        return True
+    return bool(torch.stack([torch.eq(a, b).all() for a, b in zip(first, second, strict=True)]).all())
