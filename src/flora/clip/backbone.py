@@ -442,7 +442,12 @@ def run_text_tower(parts: dict[str, Any], x: Tensor, eot: Tensor, *, pool_last: 
     else:
         x = run_transformer(parts, x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
-    x = parts["ln_final"](x)  # LayerNorm is per token: pooling first is the same, and cheaper
+    return _project(parts, x)  # LayerNorm is per token: pooling first is the same, and cheaper
+
+
+def _project(parts: dict[str, Any], x: Tensor) -> Tensor:
+    """Pooled tower outputs ``(B, d_t)`` -> text features ``(B, d)``: final LayerNorm and projection."""
+    x = parts["ln_final"](x)
     proj = parts["text_projection"]
     if proj is not None:
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
@@ -509,11 +514,7 @@ def run_shared_text_tower(
         x = _shared_block(blocks[-1], head, tail, seen[at], query_at=at)[1][rows, 0]
     else:
         x = tail[torch.arange(tail.shape[0], device=tail.device), eot.to(tail.device) - p]
-    x = parts["ln_final"](x)
-    proj = parts["text_projection"]
-    if proj is not None:
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return x
+    return _project(parts, x)
 
 
 def shares_prefix(parts: dict[str, Any]) -> bool:

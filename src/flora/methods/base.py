@@ -230,14 +230,18 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
                     yield name, tensor
 
     def _params_with_role(self, role: Role) -> dict[str, nn.Parameter]:
+        return self._params_with_roles(role)
+
+    def _params_with_roles(self, *wanted: Role) -> dict[str, nn.Parameter]:
+        """The parameters of the ``wanted`` roles, role by role in that order."""
         roles = self.parameter_roles()
         params = dict(self._named_parameters_outside_backbone())
         if not params.keys() >= roles.keys():  # a method that gives backbone parameters a role
             params = dict(self.named_parameters())
-        return {n: params[n] for n, r in roles.items() if r is role}
+        return {n: params[n] for role in wanted for n, r in roles.items() if r is role}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for r in (Role.GLOBAL, Role.LOCAL) for p in self._params_with_role(r).values()]
+        return list(self._params_with_roles(Role.GLOBAL, Role.LOCAL).values())
 
     @property
     def is_trainable(self) -> bool:
@@ -434,7 +438,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
             autocast and torch.get_autocast_dtype(device.type),
         )
         roles = (Role.GLOBAL,) if self._global_only else (Role.GLOBAL, Role.LOCAL)
-        inputs = [p for role in roles for p in self._params_with_role(role).values()]
+        inputs: list[Tensor] = list(self._params_with_roles(*roles).values())
         inputs += [b for _, b in self._named_buffers_outside_backbone()]
         hit = self._eval_text_shared.get(slot)
         if (
