@@ -195,6 +195,35 @@ def test_moving_the_module_drops_cached_text_features() -> None:
     assert m._eval_text is not None and m._eval_text.dtype == torch.float64  # rebuilt after the move
 
 
+def test_a_task_set_again_reuses_its_prompt_tokens_and_anchor() -> None:
+    """Base -> novel -> base (every base-to-novel evaluation): the base task is not tokenised and encoded again."""
+    m = PromptFL(class_names=NAMES, n_ctx=4).eval()
+    novel = ["green star", "yellow moon", "green moon"]
+    encoded = []
+    anchor_features = m.backbone.anchor_features
+    m.backbone.anchor_features = lambda names, *a: encoded.append(list(names)) or anchor_features(names, *a)  # type: ignore[method-assign]
+    base_prompts, base_anchor = m.class_prompts, m.anchor.clone()
+    m.set_task(novel)
+    assert encoded == [novel] and m.anchor.shape[0] == 3 and m.class_names == novel
+    fresh_novel = anchor_features(novel)
+    assert torch.equal(m.anchor, fresh_novel)
+    m.set_task(NAMES)
+    m.set_task(novel)
+    assert encoded == [novel]  # each task encoded once
+    assert torch.equal(m.anchor, fresh_novel)
+    m.set_task(NAMES)
+    assert m.class_prompts is base_prompts and torch.equal(m.anchor, base_anchor) and m.class_names == NAMES
+    assert m.num_classes == len(NAMES)
+    with torch.no_grad():  # the evaluation on the restored task is that of a fresh module
+        x = torch.randn(5, m.anchor.shape[-1], generator=torch.Generator().manual_seed(1))
+        fresh = PromptFL(class_names=NAMES, n_ctx=4).eval()
+        fresh.load_state_dict(m.state_dict())
+        assert torch.equal(m(x), fresh(x))
+    m.to(torch.float64)  # a move drops the kept tasks: they are on the old dtype/device
+    m.set_task(novel)
+    assert encoded == [novel, novel] and m.anchor.dtype == torch.float64
+
+
 def test_evaluation_shares_class_features_between_clients_with_equal_inputs() -> None:
     """One client after another: the global model's features are computed once, each personal model's its own."""
     from flora.methods import FLORA

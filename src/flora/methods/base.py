@@ -122,6 +122,8 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         self._eval_text: Tensor | None = None
         self._eval_text_shared: dict[tuple[Any, ...], tuple[Any, list[Tensor], Tensor]] = {}
+        # prompt tokens and z0 of the tasks set so far: evaluation switches base -> novel -> base
+        self._tasks: dict[tuple[Any, ...], tuple[ClassPrompts, Tensor]] = {}
         self._global_only = False
         self._zero_shot = False
         self.val_acc: MeanMetric | None = None  # accuracy in percent, like every flora report
@@ -142,20 +144,30 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         return self._n_ctx
 
     def set_task(self, class_names: Sequence[str]) -> None:
-        """Set the classes of the task (label order); rebuilds the cached prompt tokens and ``z0``."""
+        """Set the classes of the task (label order): its prompt tokens and ``z0``.
+
+        Both are computed once per task and kept (until the module moves to another device
+        or dtype): setting a task again, as every base-to-novel evaluation does, reuses them.
+        """
         class_names = list(class_names)
         if not class_names:
             raise ValueError("a task needs at least one class name")
         if class_names == self.class_names and self.class_prompts is not None:
             return
-        self.class_names = class_names
         device = self.anchor.device
-        try:
-            prompts = self.backbone.build_class_prompts(class_names, self.n_ctx)
-        except ValueError as err:  # a class name too long for the text context
-            raise FloraConfigError(str(err)) from None
-        self.class_prompts = prompts.to(device)
-        self.anchor = self.backbone.anchor_features(class_names, self.template).to(device)
+        key = (tuple(class_names), self.template)
+        known = self._tasks.get(key)
+        if known is None:
+            try:
+                prompts = self.backbone.build_class_prompts(class_names, self.n_ctx)
+            except ValueError as err:  # a class name too long for the text context
+                raise FloraConfigError(str(err)) from None
+            anchor = self.backbone.anchor_features(class_names, self.template).to(device)
+            if len(self._tasks) >= 4:  # an evaluation uses two tasks (base and novel)
+                self._tasks.clear()
+            known = self._tasks[key] = (prompts.to(device), anchor)
+        self.class_names = class_names
+        self.class_prompts, self.anchor = known
         self.val_acc = MeanMetric().to(device)
         self._eval_text = None
 
@@ -473,6 +485,7 @@ class FederatedPromptModule(L.LightningModule, metaclass=MethodMeta):
         # evaluation text features, which live outside the module's buffers
         self._eval_text = None
         self._eval_text_shared = {}
+        self._tasks = {}  # the kept tasks' tokens and z0 are on the old device/dtype
         return super()._apply(fn, recurse)
 
     # --------------------------------------------------------- lightning API
