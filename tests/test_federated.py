@@ -66,6 +66,34 @@ def test_store_copies_on_put_and_get(tmp_path: Path, kind: str) -> None:
         reopened = DiskClientStore(tmp_path / "s")
         assert reopened.client_ids() == [1]
         assert torch.equal(reopened.get(1).optim["state"][0]["momentum_buffer"], torch.ones(3))  # type: ignore[union-attr,index]
+    # evaluation's read: the local tensors alone (a disk store does not open the optimiser file)
+    if kind == "disk":
+        (tmp_path / "s" / "client-000001.optim.pt").unlink()
+    local_only = store.get(1, optim=False)
+    assert (
+        local_only is not None
+        and local_only.optim is None
+        and torch.equal(local_only.local["a"], torch.zeros(3))
+    )
+
+
+def test_evaluation_reads_client_states_without_their_optimiser_state(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[bool] = []
+    get = MemoryClientStore.get
+
+    def spy(self: MemoryClientStore, client_id: int, *, optim: bool = True) -> ClientState | None:
+        reads.append(optim)
+        return get(self, client_id, optim=optim)
+
+    monkeypatch.setattr(MemoryClientStore, "get", spy)
+    trainer = _trainer(tmp_path, rounds=1, eval_every=1, optimizer_state="persist")
+    trainer.fit(LocalCoOp(n_ctx=4, lr=0.01), _dm(tiny_root))
+    # every client trained reads its optimiser state (so does the checkpoint); the evaluation of every client does not
+    trained = len(trainer.history[0]["clients"])
+    assert reads[:trained] == [True] * trained
+    assert reads.count(False) >= len(trainer.dm.evaluable_clients) > 0
 
 
 def test_a_disk_store_that_is_not_the_writer_reads_what_the_writer_wrote(tmp_path: Path) -> None:

@@ -142,13 +142,14 @@ class ClientRunner:
         """Load client ``client_id``'s download (or evaluation state) and its local state into the module.
 
         A client without a stored state starts from freshly initialised local parameters.
+        The stored state is returned (without its optimiser state ``for_eval``).
         """
         module = self.module
         if for_eval:
             module.load_global_state(module.evaluation_state(client_id, global_state))
         else:
             module.load_global_state(module.download_state(client_id, global_state))
-        state = self.store.get(client_id)
+        state = self.store.get(client_id, optim=not for_eval)
         if state is None:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, client_id))
             module.reset_local_parameters(gen)

@@ -48,7 +48,9 @@ class ClientStore:
     #: the ranks on one machine share the store's files (one writes, every one reads)
     shared = False
 
-    def get(self, client_id: int) -> ClientState | None:
+    def get(self, client_id: int, *, optim: bool = True) -> ClientState | None:
+        """A copy of the client's state (None if it has none); ``optim=False`` leaves its optimiser state out
+        (``optim`` None: evaluation reads the local tensors only)."""
         raise NotImplementedError
 
     def put(self, client_id: int, state: ClientState) -> None:
@@ -92,9 +94,11 @@ class MemoryClientStore(ClientStore):
     def __init__(self) -> None:
         self._states: dict[int, ClientState] = {}
 
-    def get(self, client_id: int) -> ClientState | None:
+    def get(self, client_id: int, *, optim: bool = True) -> ClientState | None:
         state = self._states.get(client_id)
-        return None if state is None else ClientState(**to_cpu_copy(state.to_dict()))
+        if state is None:
+            return None
+        return ClientState(local=to_cpu_copy(state.local), optim=to_cpu_copy(state.optim) if optim else None)
 
     def put(self, client_id: int, state: ClientState) -> None:
         self._states[client_id] = ClientState(**to_cpu_copy(state.to_dict()))
@@ -132,12 +136,14 @@ class DiskClientStore(ClientStore):
         stem = self.directory / f"client-{client_id:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".optim.pt")
 
-    def get(self, client_id: int) -> ClientState | None:
+    def get(self, client_id: int, *, optim: bool = True) -> ClientState | None:
         if client_id not in self._ids:
             return None
-        tensors, optim = self._paths(client_id)
+        tensors, optim_path = self._paths(client_id)
         local = load_file(tensors)
-        meta = torch.load(optim, map_location="cpu", weights_only=True)
+        if not optim:  # the optimiser file is most of the read
+            return ClientState(local=local)
+        meta = torch.load(optim_path, map_location="cpu", weights_only=True)
         return ClientState(local=local, optim=meta["optim"])
 
     def put(self, client_id: int, state: ClientState) -> None:
