@@ -373,6 +373,11 @@ def test_bench_ablation_changes_one_component(tmp_path: Path) -> None:
     delta = finals["adapter none"]["hm"] - finals["FLORA"]["hm"]
     assert f"| {delta:+.1f} |" in text  # HM difference against the reference row
     assert "- HM above FLORA's by more than the std:" in text
+    # the header names the command line that reproduces this selection
+    assert (
+        f"`flora bench ablation --variants '[FLORA, adapter none, FedPGP]' --settings '[label]' --seeds 1 --out_dir {tmp_path / 'docs'}`"
+        in text
+    )
     assert json.loads((tmp_path / "docs" / "ablation.json").read_text())["command"] == "flora bench ablation"
     with pytest.raises(ValueError, match="unknown ablation variant"):
         run_ablation(str(tmp_path / "docs"), str(tmp_path / "work"), variants=["adapter sideways"], cfg=cfg)
@@ -382,11 +387,14 @@ def test_bench_ablation_command_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     from flora.cli import main
 
     args = ["bench", "ablation", "--out_dir", str(tmp_path / "docs"), "--work_dir", str(tmp_path / "w")]
-    args += ["--seeds", "1", "--settings", "[label]", "--variants", "[mu 0]", "--cfg.rounds", "1"]
-    args += ["--cfg.local_epochs", "1", "--cfg.num_colors", "4", "--cfg.num_shapes", "5"]
+    # an extra variant (not in the default list) runs when named
+    args += ["--seeds", "1", "--settings", "[label]", "--variants", "[mu 0, ortho norm gradient]"]
+    args += ["--cfg.rounds", "1", "--cfg.local_epochs", "1", "--cfg.num_colors", "4", "--cfg.num_shapes", "5"]
     assert main([*args, "--cfg.clip_pretrained", "null"]) == 0
-    assert "| mu 0 | `mu=0.0` |" in (tmp_path / "docs" / "ablation.md").read_text()
-    assert "[1/1] label    seed 0 mu 0" in capsys.readouterr().out
+    text = (tmp_path / "docs" / "ablation.md").read_text()
+    assert "| mu 0 | `mu=0.0` |" in text and "| ortho norm gradient | `ortho_grad_floor=0.0` |" in text
+    out = capsys.readouterr().out
+    assert "[1/2] label    seed 0 mu 0" in out and "[2/2] label    seed 0 ortho norm gradient" in out
 
 
 def test_every_method_gets_the_same_budget() -> None:

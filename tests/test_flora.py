@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from flora.data import FederatedDataModule
+from flora.errors import FloraConfigError
 from flora.federated import FederatedTrainer
 from flora.methods import FLORA, FedPGP, Role
 from flora.prompts import ImageAdapter, LowRankTerm, orthogonality_penalty
@@ -81,6 +82,41 @@ def test_orthogonality_penalty_gradient_is_the_norms_and_vanishes_at_orthonormal
         mixed = orthogonality_penalty(q)
         bf16 = plain(q)
     assert mixed.dtype == torch.float32 and float(mixed) < 1e-5 and float(bf16) > 1e-3
+
+
+def test_ortho_grad_floor_zero_gives_the_norms_own_gradient() -> None:
+    """``ortho_grad_floor=0``: the Frobenius norm's gradient also at orthonormal B (and zero, not NaN, at X = 0)."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(16, 8, generator=gen, dtype=torch.float64))[0]
+    ours, ref = q.clone().requires_grad_(), q.clone().requires_grad_()
+    orthogonality_penalty(ours, grad_floor=0.0).backward()
+    torch.linalg.matrix_norm(ref.mT @ ref - torch.eye(8, dtype=ref.dtype)).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-9, rtol=1e-6)
+    assert float(ours.grad.norm()) == pytest.approx(2.0, rel=1e-6)  # the unit-size push of the norm
+    exact = torch.eye(16, 8, dtype=torch.float64, requires_grad=True)  # B^T B - I is exactly 0
+    orthogonality_penalty(exact, grad_floor=0.0).backward()
+    assert exact.grad is not None and torch.equal(exact.grad, torch.zeros_like(exact))
+    with pytest.raises(ValueError, match="grad_floor"):
+        orthogonality_penalty(q, grad_floor=-1.0)
+    # the method passes its option to both the one-client and the stacked penalty
+    m = FLORA(class_names=NAMES, n_ctx=4, rank=2, ortho_grad_floor=0.0)
+    assert m.hparams.ortho_grad_floor == 0.0
+    B = torch.linalg.qr(torch.randn(4, 2, generator=gen))[0]
+    for floor, vanishes in ((0.0, False), (1e-4, True)):  # B is orthonormal to float32 precision
+        m.ortho_grad_floor = floor
+        with torch.no_grad():
+            m.lowrank.B.copy_(B)
+        m.lowrank.B.grad = None
+        m.regularisers()["ortho"].backward()
+        stacked = B.clone().unsqueeze(0).requires_grad_()
+        params = {"lowrank.B": stacked, "lowrank.A": m.lowrank.A.detach().unsqueeze(0)}
+        l2_of_b = m.l2_weight * torch.linalg.matrix_norm(stacked).sum()
+        (m.stacked_regularisers(params).sum() - l2_of_b).backward()
+        # ortho_weight 0.1 x the norm's unit-size push, or that push scaled down by ||X|| / 1e-4
+        assert (float(m.lowrank.B.grad.norm()) < 1e-2) == vanishes
+        torch.testing.assert_close(stacked.grad[0], m.lowrank.B.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(FloraConfigError, match="ortho_grad_floor"):
+        FLORA(class_names=NAMES, n_ctx=4, rank=2, ortho_grad_floor=-1.0)
 
 
 def test_orthonormal_init_and_penalty() -> None:

@@ -11,6 +11,7 @@ from torch import Tensor
 from flora.methods.fedpgp import FedPGP
 from flora.methods.options import check_choice, check_option
 from flora.prompts import ImageAdapter, orthogonality_penalty, orthogonality_residuals, rowwise_cos
+from flora.prompts.lowrank import ORTHO_GRAD_FLOOR
 
 
 class FLORA(FedPGP):
@@ -21,7 +22,10 @@ class FLORA(FedPGP):
     orthonormal columns. The adapter gates the image feature,
     ``f* = normalise(adapter(f) * f)``; ``adapter`` is ``global`` (uploaded and FedAvg'd),
     ``local`` (kept per client) or ``none``. FLORA's default learning rate is 1e-3 (the
-    other methods' is 2e-3).
+    other methods' is 2e-3). ``ortho_grad_floor``: the orthogonality penalty's gradient is
+    ``X / max(||X||, ortho_grad_floor)`` with ``X = B^T B - I_r``
+    (:func:`~flora.prompts.orthogonality_residuals`; 0: the norm's own gradient, whose
+    direction at orthonormal ``B`` is rounding noise; docs/fidelity.md).
     """
 
     display_name = "FLORA"
@@ -35,6 +39,7 @@ class FLORA(FedPGP):
         *,
         l2_weight: float = 0.01,
         ortho_weight: float = 0.1,
+        ortho_grad_floor: float = ORTHO_GRAD_FLOOR,
         adapter: str = "global",
         lr: float = 1e-3,
         **kwargs: Any,
@@ -42,10 +47,12 @@ class FLORA(FedPGP):
         check_choice("adapter", adapter, ("global", "local", "none"))
         check_option("l2_weight", l2_weight, low=0)
         check_option("ortho_weight", ortho_weight, low=0)
+        check_option("ortho_grad_floor", ortho_grad_floor, low=0)
         super().__init__(lr=lr, **kwargs)
         self.adapter_mode = adapter
         self.l2_weight = l2_weight
         self.ortho_weight = ortho_weight
+        self.ortho_grad_floor = ortho_grad_floor
         self.adapter = ImageAdapter(self.backbone.embed_dim) if adapter != "none" else None
         # the adapter is reset, uploaded and evaluated with the part it belongs to
         self.global_params = ("prompt", "adapter") if adapter == "global" else ("prompt",)
@@ -75,7 +82,7 @@ class FLORA(FedPGP):
     def stacked_regularisers(self, params: dict[str, Tensor]) -> Tensor:
         B, A = params["lowrank.B"], params["lowrank.A"]
         l2 = self.l2_weight * (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B))
-        ortho = self.ortho_weight * orthogonality_residuals(B)
+        ortho = self.ortho_weight * orthogonality_residuals(B, self.ortho_grad_floor)
         return l2.float() + ortho.float()
 
     def negative_similarity(self, z_global: Tensor, z_personal: Tensor) -> Tensor:
@@ -86,5 +93,5 @@ class FLORA(FedPGP):
         B, A = self.lowrank.B, self.lowrank.A
         return {
             "l2": self.l2_weight * (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)),
-            "ortho": self.ortho_weight * orthogonality_penalty(B),
+            "ortho": self.ortho_weight * orthogonality_penalty(B, self.ortho_grad_floor),
         }

@@ -55,7 +55,7 @@ class LowRankTerm(nn.Module):
 ORTHO_GRAD_FLOOR = 1e-4
 
 
-def orthogonality_residuals(B: Tensor) -> Tensor:
+def orthogonality_residuals(B: Tensor, grad_floor: float = ORTHO_GRAD_FLOOR) -> Tensor:
     """``||B_n^T B_n - I_r||_F`` of each ``B_n`` of ``B`` ``(N, n_ctx, r)``: shape ``(N,)``.
 
     Computed in float32 (or the parameters' wider dtype), outside autocast: in bfloat16 a
@@ -66,25 +66,28 @@ def orthogonality_residuals(B: Tensor) -> Tensor:
     is a unit vector whose direction is rounding noise when ``B`` is orthonormal to
     working precision (as FLORA's ``B`` starts); there the penalty would push ``B`` a
     fixed distance in an arbitrary direction, differently for every change in summation
-    order. So the gradient is ``X / max(||X||, ORTHO_GRAD_FLOOR)``: the norm's own above
-    the floor, shrinking to zero with ``X`` below it. The value is unchanged.
+    order. So the gradient is ``X / max(||X||, grad_floor)``: the norm's own above the
+    floor, shrinking to zero with ``X`` below it. The value is unchanged. ``grad_floor=0``
+    gives the norm's own gradient everywhere (zero where ``X`` is exactly zero).
     """
+    if not grad_floor >= 0:
+        raise ValueError(f"grad_floor must be >= 0, got {grad_floor}")
     eye = torch.eye(B.shape[-1], device=B.device, dtype=torch.promote_types(B.dtype, torch.float32))
     autocast = B.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(B.device.type)
     with torch.autocast(B.device.type, enabled=False) if autocast else contextlib.nullcontext():
         b = B.to(eye.dtype)
         squares = (b.transpose(-1, -2) @ b - eye).pow(2).sum((-2, -1))
     norm = squares.detach().sqrt()
-    floor = norm.clamp_min(ORTHO_GRAD_FLOOR)
+    floor = norm.clamp_min(max(grad_floor, torch.finfo(norm.dtype).tiny))
     # value: norm; gradient: that of squares / (2 floor)
     return squares / (2 * floor) + (norm - norm.pow(2) / (2 * floor))
 
 
-def orthogonality_penalty(B: Tensor) -> Tensor:
+def orthogonality_penalty(B: Tensor, grad_floor: float = ORTHO_GRAD_FLOOR) -> Tensor:
     """``sum_n ||B_n^T B_n - I_r||_F`` for ``B`` of shape ``(n_ctx, r)`` or ``(N, n_ctx, r)``.
 
     Zero exactly when every ``B_n`` has orthonormal columns (``B B^T - I`` never is for
     ``r < n_ctx``, which is why the column form is used). See
     :func:`orthogonality_residuals` for its precision and its gradient near zero.
     """
-    return orthogonality_residuals(B if B.dim() == 3 else B.unsqueeze(0)).sum()
+    return orthogonality_residuals(B if B.dim() == 3 else B.unsqueeze(0), grad_floor).sum()
