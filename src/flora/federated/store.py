@@ -49,8 +49,8 @@ class ClientStore:
     shared = False
 
     def get(self, client_id: int, *, optim: bool = True) -> ClientState | None:
-        """A copy of the client's state (None if it has none); ``optim=False`` leaves its optimiser state out
-        (``optim`` None: evaluation reads the local tensors only)."""
+        """A copy of the client's state (None if it has none); ``optim=False`` leaves out its
+        optimiser state (``optim`` is None): evaluation reads the local tensors only."""
         raise NotImplementedError
 
     def put(self, client_id: int, state: ClientState) -> None:

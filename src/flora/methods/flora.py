@@ -10,8 +10,13 @@ from torch import Tensor
 
 from flora.methods.fedpgp import FedPGP
 from flora.methods.options import check_choice, check_option
-from flora.prompts import ImageAdapter, orthogonality_penalty, orthogonality_residuals, rowwise_cos
-from flora.prompts.lowrank import ORTHO_GRAD_FLOOR
+from flora.prompts import (
+    ORTHO_GRAD_FLOOR,
+    ImageAdapter,
+    orthogonality_penalty,
+    orthogonality_residuals,
+    rowwise_cos,
+)
 
 
 class FLORA(FedPGP):
