@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from flora.bench import BenchConfig, run_accuracy, run_speed
+from flora.bench import speed as speed_bench
 from flora.clip import CLIPBackbone
 from flora.pretrain import PretrainConfig, pretrain_tiny
 
@@ -230,25 +231,42 @@ def test_bench_speed_reports_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         together_methods=["PromptFL"],
         compile_methods=["PromptFL"],
         step_steps=1,
+        together_precisions=["32-true", "bf16-mixed"],
     )
-    one, together, compiled = result["together"]
-    assert (one["client_batch"], together["client_batch"], compiled["client_batch"]) == (1, 5, 1)
-    assert (one["compiled"], together["compiled"], compiled["compiled"]) == (False, False, True)
-    assert one["train_s"] > 0 and together["images_per_s"] > 0
+    one, together, compiled, one_bf16, together_bf16 = result["together"]
+    assert [r["client_batch"] for r in result["together"]] == [1, 5, 1, 1, 5]
+    assert [r["compiled"] for r in result["together"]] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]  # compiled: first only
+    assert [r["precision"] for r in result["together"]] == ["32-true"] * 3 + ["bf16-mixed"] * 2
+    assert one["train_s"] > 0 and together["images_per_s"] > 0 and together_bf16["images_per_s"] > 0
     runs = tmp_path / "work" / "runs"
     final = [
         json.loads((runs / f"speed-PromptFL-{run}" / "summary.json").read_text())["final"]
-        for run in ("batch1", "batch5", "batch1-compiled")
+        for run in ("batch1", "batch5", "batch1-compiled", "batch1-bf16-mixed", "batch5-bf16-mixed")
     ]
-    for other in final[1:]:  # the same training: stacked, and with the compiled text tower
+    for other in final[1:3]:  # the same training: stacked, and with the compiled text tower
         assert other["local_acc_mean"] == pytest.approx(final[0]["local_acc_mean"], abs=1e-4)
+    precisions = [
+        json.loads((runs / f"speed-PromptFL-{r}" / "summary.json").read_text())["trainer"]["precision"]
+        for r in ("batch1", "batch5-bf16-mixed")
+    ]
+    assert precisions == ["32-true", "bf16-mixed"]
     rows = {r["feature_cache"]: r for r in result["rows"]}
     assert set(rows) == {"memory", "off"}
     assert rows["off"]["image_s"] > 0 and rows["memory"]["image_s"] == 0  # the cache skips the image tower
     for r in rows.values():
         assert r["text_s"] > 0 and r["optim_s"] > 0 and r["images_per_s"] > 0
     text = (tmp_path / "docs" / "performance.md").read_text()
-    assert "| memory | 1 |" in text and "| PromptFL | 5 |" in text
+    assert "| memory | 1 |" in text and "| PromptFL | 32-true | 5 |" in text
+    # each precision is compared with one by one in that precision
+    ratio = together_bf16["images_per_s"] / one_bf16["images_per_s"]
+    assert f"| PromptFL | bf16-mixed | 5 | eager | {together_bf16['train_s']:.2f} |" in text
+    assert f"{ratio:.2f}x |" in text.split("| PromptFL | bf16-mixed | 5 |")[1].splitlines()[0]
     steps = {r["pattern"]: r["ms_per_step"] for r in result["step"]["rows"]}
     assert set(steps) >= {
         "authors' pattern, fp32",
@@ -259,7 +277,7 @@ def test_bench_speed_reports_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     }
     assert "| authors' pattern, fp32 |" in text and "| flora, cached features, fp32 |" in text
     assert not any("compiled" in pattern for pattern in steps)  # FLORA is not among compile_methods
-    assert "| PromptFL | 1 | compiled |" in text
+    assert "| PromptFL | 32-true | 1 | compiled |" in text
     assert through_compile.count("call") > 10  # the compiled run's text tower went through torch.compile
 
 
@@ -536,3 +554,18 @@ def test_bench_scaling_names_a_failed_size_in_one_line(
     log = tmp_path / "w" / "logs" / "prepare-500.log"
     assert f"(output: {log})" in err and "cannot give each of 500 clients" in log.read_text()
     assert not (tmp_path / "docs" / "scaling-bench.json").exists()  # no report from a failed bench
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_speed_comparison_adds_bf16_only_where_the_device_has_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(speed_bench, "native_bf16", lambda: native)
+    expected = ["32-true", "bf16-mixed"] if native else ["32-true"]
+    assert speed_bench.comparison_precisions("32-true") == expected
+    assert speed_bench.comparison_precisions("bf16-mixed") == ["bf16-mixed"]
+    assert speed_bench.comparison_precisions("32-true", ["16-mixed", "16-mixed"]) == ["16-mixed"]
+    with pytest.raises(ValueError, match="together_precisions"):
+        speed_bench.comparison_precisions("32-true", [])
+    with pytest.raises(ValueError, match=r"together_precisions: \['bf17-mixed'\] not among"):
+        speed_bench.comparison_precisions("32-true", ["32-true", "bf17-mixed"])

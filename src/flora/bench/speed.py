@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from flora.bench.common import BenchConfig, machine, make_datamodule, make_method, write_report
+from flora.errors import FloraConfigError
 from flora.federated import FederatedTrainer
+from flora.federated.distributed import SUPPORTED_PRECISION
 
 
 def run_speed(
@@ -28,6 +30,7 @@ def run_speed(
     step_pretrained: str | None = "shipped",
     step_steps: int = 10,
     compile_methods: list[str] | None = None,
+    together_precisions: list[str] | None = None,
 ) -> dict[str, Any]:
     """Per-round time split (image tower, text tower, optimiser, aggregation, evaluation) and images/s.
 
@@ -40,7 +43,9 @@ def run_speed(
     (:mod:`flora.bench.step`), median of ``step_steps`` steps (0 leaves it out). Where
     ``compile_methods`` is not empty, those methods' one-by-one runs (and, with FLORA among
     them, flora's step) are also timed with the text tower through ``torch.compile``
-    (``trainer.compile_text``).
+    (``trainer.compile_text``). The comparison runs in each of ``together_precisions``
+    (default: ``precision``, and ``bf16-mixed`` too where the device computes in bfloat16
+    natively: :func:`native_bf16`), each against one by one in the same precision.
 
     Args:
         out_dir: where ``performance.md`` and ``performance.json`` go.
@@ -58,7 +63,9 @@ def run_speed(
             null for a seeded random initialisation).
         step_steps: timed steps per pattern (0: leave the comparison out).
         compile_methods: methods also run with a compiled text tower (default ``["FLORA"]``;
-            ``[]``: nothing is compiled).
+            ``[]``: nothing is compiled), in the first of ``together_precisions``.
+        together_precisions: precisions of the one-by-one vs together comparison (default:
+            ``precision``, and ``bf16-mixed`` where the device computes bfloat16 natively).
     """
     from rich.console import Console
 
@@ -66,6 +73,7 @@ def run_speed(
     devices = devices or [1, 2]
     cfg = cfg or BenchConfig()
     compile_methods = ["FLORA"] if compile_methods is None else compile_methods
+    together_precisions = comparison_precisions(precision, together_precisions)
     cfg.rounds = rounds
     work = Path(work_dir)
     rows = []
@@ -107,9 +115,18 @@ def run_speed(
             )
     together = []
     if client_batch > 1:
-        together = _together(
-            work, together_rounds, precision, cfg, client_batch, together_methods, compile_methods, console
-        )
+        for i, together_precision in enumerate(together_precisions):
+            together += _together(
+                work,
+                together_rounds,
+                together_precision,
+                cfg,
+                client_batch,
+                together_methods,
+                compile_methods if i == 0 else [],
+                console,
+                tag="" if i == 0 else f"-{together_precision}",
+            )
     step = None
     if step_steps > 0:
         from flora.bench.step import run_step_bench
@@ -162,10 +179,12 @@ def _together(
     methods: list[str] | None,
     compile_methods: list[str],
     console: Any,
+    tag: str = "",
 ) -> list[dict[str, Any]]:
     """Training seconds per round and images/s, one client at a time vs ``client_batch`` together.
 
-    ``compile_methods`` are also run one by one with the text tower compiled.
+    ``compile_methods`` are also run one by one with the text tower compiled. ``tag`` ends
+    the runs' names.
     """
     from flora.methods import REGISTRY
 
@@ -175,7 +194,7 @@ def _together(
     for method in methods:
         variants = [(1, False), (client_batch, False)] + ([(1, True)] if method in compile_methods else [])
         for batch, compiled in variants:
-            name = f"speed-{method.replace('+', 'plus')}-batch{batch}{'-compiled' if compiled else ''}"
+            name = f"speed-{method.replace('+', 'plus')}-batch{batch}{'-compiled' if compiled else ''}{tag}"
             dm = make_datamodule("label", 0, cfg, work)
             options = {"client_batch": batch, "eval_every": rounds, "compile_text": compiled}
             history = _fit(work, name, rounds, precision, make_method(method, cfg), dm, **options)
@@ -184,6 +203,7 @@ def _together(
             rows.append(
                 {
                     "method": method,
+                    "precision": precision,
                     "client_batch": batch,
                     "compiled": compiled,
                     "train_s": train_s,
@@ -195,10 +215,37 @@ def _together(
                 }
             )
             console.print(
-                f"{method} client_batch {batch}{' compiled' if compiled else ''}: {train_s:.2f} s training/round",
+                f"{method} client_batch {batch}{' compiled' if compiled else ''} {precision}: "
+                f"{train_s:.2f} s training/round",
                 soft_wrap=True,
             )
     return rows
+
+
+def comparison_precisions(precision: str, given: list[str] | None = None) -> list[str]:
+    """The precisions of the one-by-one vs together comparison: ``given``, or by default
+    ``precision`` and, where the device computes in bfloat16 natively, ``bf16-mixed``."""
+    if given is None:
+        return [precision] + (["bf16-mixed"] if precision != "bf16-mixed" and native_bf16() else [])
+    if not given:
+        raise FloraConfigError("together_precisions must name at least one precision (e.g. [32-true])")
+    wrong = [p for p in given if str(p) not in SUPPORTED_PRECISION]
+    if wrong:
+        raise FloraConfigError(
+            f"together_precisions: {wrong} not among the trainer's precisions {list(SUPPORTED_PRECISION)}"
+        )
+    return list(dict.fromkeys(given))
+
+
+def native_bf16() -> bool:
+    """Whether the benchmark's device computes in bfloat16 natively (a CUDA GPU that supports
+    it, or a CPU with AVX-512 BF16 / AMX); elsewhere bf16-mixed is emulated and only slower."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _performance_markdown(result: dict[str, Any]) -> str:
@@ -226,11 +273,13 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             f"{r['first_round_s']:.2f} | {r['images_per_s']:.0f} |"
         )
     if result.get("together"):
+        main = result.get("precision", "32-true")
         base = {
-            r["method"]: r["images_per_s"]
+            (r["method"], r.get("precision", main)): r["images_per_s"]
             for r in result["together"]
             if r["client_batch"] == 1 and not r.get("compiled")
         }
+        precisions = list(dict.fromkeys(r.get("precision", main) for r in result["together"]))
         lines += [
             "",
             "## Clients trained together",
@@ -241,16 +290,26 @@ def _performance_markdown(result: dict[str, Any]) -> str:
             f"2..{result['together'][0].get('rounds', result['rounds'])} of each.",
             "A compiled text tower (`trainer.compile_text`) compiles during round 1 (its training time is",
             "the first-round column) and runs compiled from then on.",
+        ]
+        if len(precisions) > 1:
+            lines += [
+                f"The comparison runs in {', '.join(precisions)}: each row is compared with one by one",
+                "in its own precision. Under bf16-mixed each matrix product also converts its inputs (more",
+                "operations per step), which weighs on one client at a time; clients together run larger",
+                "products, which gain from bfloat16 arithmetic where the device has it.",
+            ]
+        lines += [
             "",
-            "| method | client_batch | text tower | training s / round | images/s | vs one by one | round 1 training s |",
-            "|---|---|---|---|---|---|---|",
+            "| method | precision | client_batch | text tower | training s / round | images/s | vs one by one | round 1 training s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["together"]:
             tower = "compiled" if r.get("compiled") else "eager"
             first = f"{r['first_train_s']:.2f}" if "first_train_s" in r else "-"
+            prec = r.get("precision", main)
             lines.append(
-                f"| {r['method']} | {r['client_batch']} | {tower} | {r['train_s']:.2f} | {r['images_per_s']:.0f} | "
-                f"{r['images_per_s'] / base[r['method']]:.2f}x | {first} |"
+                f"| {r['method']} | {prec} | {r['client_batch']} | {tower} | {r['train_s']:.2f} | "
+                f"{r['images_per_s']:.0f} | {r['images_per_s'] / base[(r['method'], prec)]:.2f}x | {first} |"
             )
     if result.get("step"):
         st = result["step"]
