@@ -87,10 +87,14 @@ def test_last_block_run_at_eot_only_equals_the_full_pass_in_float64() -> None:
     assert not torch.allclose(pooled, outs[True][0])  # the mask matters: the test can tell them apart
 
 
+@pytest.mark.parametrize("tail_attention", ["split", "sdpa"])
 def test_shared_start_and_context_equal_the_whole_sequences_in_float64(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tail_attention: str
 ) -> None:
-    """The start token and a context shared by every class, computed once per context: same features and gradients."""
+    """The start token and a context shared by every class, computed once per context: same features and gradients.
+
+    Both ways the class tokens attend (a split softmax, the CPU's default, and one fused attention
+    over copied keys, the default elsewhere)."""
     import flora.clip.backbone as module
 
     calls = []
@@ -99,6 +103,12 @@ def test_shared_start_and_context_equal_the_whole_sequences_in_float64(
         module, "run_shared_text_tower", lambda *a, **k: calls.append(a[1].shape) or shared(*a, **k)
     )
     backbone = CLIPBackbone("flora-tiny", None, init_seed=0).double()
+    backbone.tail_attention = tail_attention
+    split_calls = []
+    split_attention = module._split_attention
+    monkeypatch.setattr(
+        module, "_split_attention", lambda *a, **k: split_calls.append(1) or split_attention(*a, **k)
+    )
     prompts = backbone.build_class_prompts(NAMES, 4)  # names of different lengths: EOTs differ
     assert len(set(prompts.eot.tolist())) > 1
     ctx = torch.randn(
@@ -115,6 +125,10 @@ def test_shared_start_and_context_equal_the_whole_sequences_in_float64(
             feats = backbone.encode_prompted(c, prompts)
             outs[share, pool] = (feats.detach(), torch.autograd.grad((feats * weights).sum(), c)[0])
     assert calls == [(3, 5, backbone.token_width)] * 2  # 3 contexts, 5 shared positions: once per context
+    # every block's class tokens attended the chosen way (2 shared passes x every block)
+    assert len(split_calls) == (
+        2 * len(backbone._text["transformer"].resblocks) if tail_attention == "split" else 0
+    )
     for key, (feats, grad) in outs.items():
         torch.testing.assert_close(feats, outs[False, False][0], atol=1e-12, rtol=0, msg=str(key))
         torch.testing.assert_close(grad, outs[False, False][1], atol=1e-12, rtol=0, msg=str(key))
@@ -133,6 +147,10 @@ def test_shared_start_and_context_equal_the_whole_sequences_in_float64(
     )  # bidirectional: later tokens matter
     backbone._text["transformer"].resblocks[0].attn.dropout = 0.1
     assert not module.shares_prefix(backbone._text)
+    backbone._text["transformer"].resblocks[0].attn.dropout = 0.0
+    backbone.share_prefix, backbone.tail_attention = True, "fused"
+    with pytest.raises(ValueError, match="tail_attention must be auto, sdpa or split, got 'fused'"):
+        backbone.encode_prompted(ctx, prompts)
 
 
 def test_shared_context_under_bf16_autocast() -> None:

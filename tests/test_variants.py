@@ -125,14 +125,14 @@ def test_promptper_context_is_global_then_personal(monkeypatch: pytest.MonkeyPat
     seen: list[torch.Tensor] = []
     run_tower = m.backbone._run_tower
 
-    def spy(tower: object, *args: torch.Tensor) -> torch.Tensor:
+    def spy(tower: object, *args: torch.Tensor, **options: object) -> torch.Tensor:
         if tower is run_shared_text_tower:  # (head, tail, eot): the whole sequences are head + tail
             head, tail, _ = args
             per_head = tail.shape[0] // head.shape[0]
             seen.append(torch.cat([head.repeat_interleave(per_head, 0), tail], dim=1).detach().clone())
         else:
             seen.append(args[0].detach().clone())
-        return run_tower(tower, *args)
+        return run_tower(tower, *args, **options)
 
     monkeypatch.setattr(m.backbone, "_run_tower", spy)
     with torch.no_grad():

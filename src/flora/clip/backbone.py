@@ -154,6 +154,8 @@ class CLIPBackbone(nn.Module):
         #: compute the start token and a context shared by all classes once per context,
         #: not once per class (:func:`run_shared_text_tower`)
         self.share_prefix = True
+        #: how the shared pass's tail queries attend: auto | sdpa | split (:func:`run_shared_text_tower`)
+        self.tail_attention = "auto"
 
     def compile_text(self, enabled: bool = True, **options: Any) -> None:
         """Run the text tower through ``torch.compile`` (``enabled=False``: eagerly again).
@@ -297,16 +299,16 @@ class CLIPBackbone(nn.Module):
     def _run_text(self, x: Tensor, eot: Tensor) -> Tensor:
         return self._run_tower(run_text_tower, x, eot)
 
-    def _run_tower(self, tower: Any, *args: Tensor) -> Tensor:
+    def _run_tower(self, tower: Any, *args: Tensor, **options: Any) -> Tensor:
         """``tower`` (:func:`run_text_tower` or :func:`run_shared_text_tower`), compiled if asked."""
         with self._timed("text"):
             if self._compiled_text is None:
-                return tower(self._text, *args, pool_last=self.pool_last)
+                return tower(self._text, *args, pool_last=self.pool_last, **options)
             compiled = self._compiled_text.get(tower)
             if compiled is None:
                 compiled = self._compiled_text[tower] = torch.compile(tower, **self._compile_options)
             try:
-                return compiled(self._text, *args, pool_last=self.pool_last)
+                return compiled(self._text, *args, pool_last=self.pool_last, **options)
             except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.TritonUnavailableError) as err:
                 from flora.errors import FloraRunError
 
@@ -339,7 +341,13 @@ class CLIPBackbone(nn.Module):
         if shared and self.share_prefix and shares_prefix(self._text):
             head = torch.cat([prompts.prefix[:1].expand(n_var, -1, -1).to(ctx.dtype), ctx[:, 0]], dim=1)
             tail = prompts.suffix.to(ctx.dtype).repeat(n_var, 1, 1)
-            feats = self._run_tower(run_shared_text_tower, head, tail, prompts.eot.repeat(n_var))
+            feats = self._run_tower(
+                run_shared_text_tower,
+                head,
+                tail,
+                prompts.eot.repeat(n_var),
+                tail_attention=self.tail_attention,
+            )
             feats = F.normalize(feats, dim=-1).reshape(n_var, n_cls, -1)
             return feats[0] if squeeze else feats
         prefix = prompts.prefix.unsqueeze(0).expand(n_var, -1, -1, -1).to(ctx.dtype)
@@ -480,7 +488,13 @@ def _last_block_at(block: nn.Module, h: Tensor, eot: Tensor) -> Tensor:
 
 
 def run_shared_text_tower(
-    parts: dict[str, Any], head: Tensor, tail: Tensor, eot: Tensor, *, pool_last: bool = True
+    parts: dict[str, Any],
+    head: Tensor,
+    tail: Tensor,
+    eot: Tensor,
+    *,
+    pool_last: bool = True,
+    tail_attention: str = "auto",
 ) -> Tensor:
     """Pooled, projected text features ``(N, d)`` of sequences that share their first tokens.
 
@@ -496,7 +510,17 @@ def run_shared_text_tower(
     context that is ``p + C s`` rows of work instead of ``C (p + s)``. The result equals
     :func:`run_text_tower` on the concatenated sequences up to floating-point rounding.
     Call it only where :func:`shares_prefix` holds.
+
+    ``tail_attention`` is how the tail queries attend: ``sdpa`` gives every sequence a
+    copy of its group's head keys and values and runs one fused attention;
+    ``split`` scores the queries against each group's head keys in one product per group
+    and against their own tail keys apart, with one softmax over both, and copies no keys
+    (:func:`_split_attention`: faster on a CPU, where the fused kernel's cost grows with the
+    number of short sequences); ``auto`` takes ``split`` on a CPU and ``sdpa`` elsewhere.
     """
+    if tail_attention not in ("auto", "sdpa", "split"):
+        raise ValueError(f"tail_attention must be auto, sdpa or split, got {tail_attention!r}")
+    split_tail = tail_attention == "split" or (tail_attention == "auto" and tail.device.type == "cpu")
     blocks = parts["transformer"].resblocks
     p, s = head.shape[1], tail.shape[1]
     pos = parts["positional_embedding"]
@@ -507,11 +531,11 @@ def run_shared_text_tower(
         p + torch.arange(s, device=tail.device)
     ).unsqueeze(1)
     for block in blocks[:-1] if pool_last else blocks:
-        head, tail = _shared_block(block, head, tail, seen)
+        head, tail = _shared_block(block, head, tail, seen, split_tail=split_tail)
     if pool_last:
         rows = torch.arange(tail.shape[0], device=tail.device)
         at = eot.to(tail.device) - p
-        x = _shared_block(blocks[-1], head, tail, seen[at], query_at=at)[1][rows, 0]
+        x = _shared_block(blocks[-1], head, tail, seen[at], query_at=at, split_tail=split_tail)[1][rows, 0]
     else:
         x = tail[torch.arange(tail.shape[0], device=tail.device), eot.to(tail.device) - p]
     return _project(parts, x)
@@ -533,14 +557,21 @@ def shares_prefix(parts: dict[str, Any]) -> bool:
 
 
 def _shared_block(
-    block: nn.Module, head: Tensor, tail: Tensor, seen: Tensor, query_at: Tensor | None = None
+    block: nn.Module,
+    head: Tensor,
+    tail: Tensor,
+    seen: Tensor,
+    query_at: Tensor | None = None,
+    *,
+    split_tail: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One causal block on shared ``head`` rows and the ``tail`` rows that continue them.
 
     ``seen`` ``(s, p + s)`` (or ``(N, p + s)`` with ``query_at``): which keys each tail
     query attends to. With ``query_at`` ``(N,)`` only that tail position of each sequence
     is computed (the last block, read at EOT) and the head is returned as it came. Head
-    and tail rows go through the LayerNorms and linear layers as one matrix.
+    and tail rows go through the LayerNorms and linear layers as one matrix. ``split_tail``: the
+    tail queries attend through :func:`_split_attention` instead of one fused attention.
     """
     attn = block.attn
     n_heads = attn.num_heads
@@ -569,12 +600,17 @@ def _shared_block(
     v_head, v_tail = v[: n_groups * p].view(n_groups, p, d), v[n_groups * p :].view(n_seq, s, d)
     per_group = n_seq // n_groups
 
-    def grouped(t: Tensor) -> Tensor:  # (G, p, d) -> (G * C, p, d): each group's rows for its sequences
-        return t.unsqueeze(1).expand(-1, per_group, -1, -1).reshape(n_seq, p, d)
+    if split_tail:  # every tail query sees the whole head: only the tail part of the mask matters
+        tail_seen = seen[..., p:] if query_at is None else seen[..., p:].view(n_groups, 1, per_group, 1, s)
+        out = _split_attention(q_tail, k_head, v_head, k_tail, v_tail, tail_seen, n_heads)
+    else:
 
-    keys = torch.cat([grouped(k_head), k_tail], dim=1)
-    values = torch.cat([grouped(v_head), v_tail], dim=1)
-    out = merge(F.scaled_dot_product_attention(split(q_tail), split(keys), split(values), attn_mask=seen))
+        def grouped(t: Tensor) -> Tensor:  # (G, p, d) -> (G * C, p, d): each group's rows for its sequences
+            return t.unsqueeze(1).expand(-1, per_group, -1, -1).reshape(n_seq, p, d)
+
+        keys = torch.cat([grouped(k_head), k_tail], dim=1)
+        values = torch.cat([grouped(v_head), v_tail], dim=1)
+        out = merge(F.scaled_dot_product_attention(split(q_tail), split(keys), split(values), attn_mask=seen))
     out = out.reshape(-1, d)
     if query_at is None:
         out_head = merge(
@@ -586,6 +622,38 @@ def _shared_block(
     if query_at is not None:
         return head, x.unsqueeze(1)
     return x[: n_groups * p].view(n_groups, p, d), x[n_groups * p :].view(n_seq, s, d)
+
+
+def _split_attention(
+    q: Tensor, k_head: Tensor, v_head: Tensor, k_tail: Tensor, v_tail: Tensor, tail_seen: Tensor, n_heads: int
+) -> Tensor:
+    """Tail queries ``q`` ``(G * C, m, d)`` attending to their group's head keys ``(G, p, d)``
+    (all of them) and to their own sequence's tail keys ``(G * C, s, d)`` where ``tail_seen``
+    (broadcast to ``(G, heads, C, m, s)``) holds: scaled dot-product attention with one
+    softmax over both parts, as :func:`torch.nn.functional.scaled_dot_product_attention`
+    over the concatenated keys computes it. Returns ``(G * C, m, d)``.
+
+    The head part is one product per group and head (``C * m`` queries against ``p`` keys),
+    the tail part one small product per sequence; no sequence gets a copy of the head keys.
+    """
+    (n_groups, p, d), (n_seq, m, _) = k_head.shape, q.shape
+    per_group, width = n_seq // n_groups, d // n_heads
+
+    def tails(t: Tensor) -> Tensor:  # (G * C, L, d) -> (G, heads, C, L, d / heads)
+        return t.view(n_groups, per_group, t.shape[1], n_heads, width).permute(0, 3, 1, 2, 4)
+
+    def heads(t: Tensor) -> Tensor:  # (G, p, d) -> (G, heads, p, d / heads)
+        return t.view(n_groups, p, n_heads, width).transpose(1, 2)
+
+    queries = tails(q * width**-0.5).contiguous()
+    to_head = queries.view(n_groups, n_heads, per_group * m, width) @ heads(k_head).transpose(-1, -2)
+    to_tail = (queries @ tails(k_tail).transpose(-1, -2)).masked_fill(~tail_seen, float("-inf"))
+    scores = torch.cat([to_head.view(n_groups, n_heads, per_group, m, p), to_tail], dim=-1)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    weights = weights.to(v_head.dtype)
+    out = weights[..., :p].reshape(n_groups, n_heads, per_group * m, p) @ heads(v_head)
+    out = out.view(n_groups, n_heads, per_group, m, width) + weights[..., p:] @ tails(v_tail)
+    return out.permute(0, 2, 3, 1, 4).reshape(n_seq, m, d)
 
 
 def encode_token_ids(parts: dict[str, Any], tokens: Tensor) -> Tensor:
