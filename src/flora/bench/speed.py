@@ -293,7 +293,8 @@ def _performance_markdown(result: dict[str, Any]) -> str:
         ]
         if len(precisions) > 1:
             lines += [
-                f"The comparison runs in {', '.join(precisions)}: each row is compared with one by one",
+                f"The comparison runs in {', '.join(precisions[:-1])} and {precisions[-1]}: each row is compared "
+                "with one by one",
                 "in its own precision. Under bf16-mixed each matrix product also converts its inputs (more",
                 "operations per step), which weighs on one client at a time; clients together run larger",
                 "products, which gain from bfloat16 arithmetic where the device has it.",
